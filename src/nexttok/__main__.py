@@ -1,0 +1,3 @@
+from nexttok.cli import main
+
+main()

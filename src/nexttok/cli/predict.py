@@ -1,0 +1,167 @@
+"""``nexttok predict`` and ``nexttok tokenize``: the distribution over the vocabulary, and the tokens."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from nexttok.cli import app
+from nexttok.cli.common import DtypeOpt, ModelOpt, ThreadsOpt, console, load_lm, read_prompt
+from nexttok.distribution import Distribution, show_token
+from nexttok.errors import NexttokError
+from nexttok.report import predict_report
+
+BAR = 30
+
+
+def _temperatures(temperature: float, temperatures: str | None) -> list[float]:
+    if temperatures is None:
+        values = [temperature]
+    else:
+        try:
+            values = [float(t) for t in temperatures.split(",") if t.strip()]
+        except ValueError:
+            raise NexttokError(
+                f"--temperatures must be numbers separated by commas, e.g. 0.5,1,2 (got '{temperatures}')",
+                param="temperatures",
+            ) from None
+    for t in values:
+        if not t > 0:
+            raise NexttokError(
+                f"--temperature must be > 0 for predict (got {t}); greedy decoding is temperature 0 "
+                "in `nexttok generate`",
+                param="temperature",
+            )
+    return values or [1.0]
+
+
+@app.command()
+def predict(
+    prompt: Annotated[str, typer.Argument(help="The text so far ('-' reads stdin).")],
+    top: Annotated[int, typer.Option("--top", "-k", help="How many candidates to show.")] = 10,
+    token: Annotated[
+        list[str] | None, typer.Option("--token", "-t", help="Also show this token's probability and rank.")
+    ] = None,
+    token_id: Annotated[list[int] | None, typer.Option("--token-id", help="The same, by token id.")] = None,
+    temperature: Annotated[float, typer.Option("--temperature", "-T", help="Divide the scores by T.")] = 1.0,
+    temperatures: Annotated[
+        str | None, typer.Option("--temperatures", help="Several temperatures side by side: 0.5,1,2.")
+    ] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message (chat template).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (schema: docs/predict.md).")] = False,
+    plot: Annotated[str | None, typer.Option("--plot", help="Write a bar chart PNG of the candidates.")] = None,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+) -> None:
+    """The next-token distribution for PROMPT: the top candidates, entropy, and any token you name."""
+    temps = _temperatures(temperature, temperatures)
+    if top < 1:
+        raise NexttokError(f"--top must be at least 1 (got {top})", param="top")
+    text = read_prompt(prompt)
+    lm = load_lm(model, dtype, threads)
+    base = lm.distribution(text, chat=chat)
+    dists = [base.with_temperature(t) for t in temps]
+    queries: list[str | int] = [*(token or []), *(token_id or [])]
+    report = predict_report(lm, text, chat, dists, top, queries)
+    if as_json:
+        typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
+    elif len(dists) == 1:
+        _print_single(report, dists[0])
+    else:
+        _print_multi(report)
+    if plot:
+        from nexttok.plots import plot_candidates
+
+        plot_candidates(report, plot)
+        console.print(f"[dim]wrote {plot}[/dim]") if not as_json else None
+
+
+def _context_line(report: dict) -> str:
+    tail = "".join(t["text"] for t in report["prompt_tokens"])[-60:]
+    return f"next token after: {tail!r}  ({len(report['prompt_tokens'])} tokens)"
+
+
+def _print_single(report: dict, dist: Distribution) -> None:
+    d = report["distributions"][0]
+    console.print(_context_line(report))
+    table = Table()
+    for col, just in [("#", "right"), ("token", "left"), ("id", "right"), ("probability", "right")]:
+        table.add_column(col, justify=just)
+    table.add_column("", min_width=BAR)
+    top_p = d["top"][0]["prob"]
+    for row in d["top"]:
+        bar = "█" * max(1, round(BAR * row["prob"] / top_p)) if row["prob"] > 0 else ""
+        table.add_row(str(row["rank"]), row["shown"], str(row["id"]), f"{row['prob']:.4f}", f"[cyan]{bar}[/cyan]")
+    console.print(table)
+    console.print(_summary(d, report["vocab_size"]))
+    for q in d["tokens"]:
+        console.print(_token_line(q, report["vocab_size"]))
+
+
+def _summary(d: dict, vocab: int) -> str:
+    temp = f"T={d['temperature']:g}  " if d["temperature"] != 1 else ""
+    return (
+        f"{temp}entropy {d['entropy_nats']:.3f} nats ({d['entropy_bits']:.3f} bits) · "
+        f"{d['tokens_for_90pct']:,} tokens cover 90% · vocabulary {vocab:,}"
+    )
+
+
+def _token_line(q: dict, vocab: int) -> str:
+    name = show_token(q["query"])
+    if len(q["ids"]) == 1:
+        return f"{name!s}: p={q['prob']:.3g}, rank {q['rank']:,} of {vocab:,} (id {q['ids'][0]})"
+    pieces = " + ".join(show_token(p) for p in q["pieces"])
+    return (
+        f"{name}: {len(q['ids'])} tokens ({pieces}); first token p={q['prob']:.3g}, rank {q['rank']:,} "
+        f"of {vocab:,}; whole word p={q['word_prob']:.3g} (chain rule)"
+    )
+
+
+def _print_multi(report: dict) -> None:
+    console.print(_context_line(report))
+    table = Table()
+    for col, just in [("#", "right"), ("token", "left"), ("id", "right")]:
+        table.add_column(col, justify=just)
+    dists = report["distributions"]
+    for d in dists:
+        table.add_column(f"T={d['temperature']:g}", justify="right")
+    for i, row in enumerate(dists[0]["top"]):
+        table.add_row(str(row["rank"]), row["shown"], str(row["id"]), *(f"{d['top'][i]['prob']:.4f}" for d in dists))
+    table.add_section()
+    table.add_row("", "entropy (bits)", "", *(f"{d['entropy_bits']:.3f}" for d in dists))
+    table.add_row("", "tokens for 90%", "", *(f"{d['tokens_for_90pct']:,}" for d in dists))
+    console.print(table)
+    for d in dists:
+        for q in d["tokens"]:
+            console.print(f"T={d['temperature']:g}  " + _token_line(q, report["vocab_size"]))
+
+
+@app.command()
+def tokenize(
+    text: Annotated[str, typer.Argument(help="Text to split into tokens ('-' reads stdin).")],
+    chat: Annotated[bool, typer.Option("--chat", help="Render as a user message first.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    model: ModelOpt = None,
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+) -> None:
+    """The tokens of TEXT with their ids, as the model sees them."""
+    text = read_prompt(text)
+    lm = load_lm(model, dtype, threads)
+    ids = lm.encode(text, chat=chat)
+    rows = [{"index": i, "id": t, "text": lm.token_text(t)} for i, t in enumerate(ids)]
+    if as_json:
+        typer.echo(json.dumps({"tokens": rows, "count": len(rows)}, ensure_ascii=False, indent=2))
+        return
+    console.print(f"{len(rows)} tokens · vocabulary {lm.vocab_size:,}")
+    table = Table()
+    for col, just in [("#", "right"), ("token", "left"), ("id", "right")]:
+        table.add_column(col, justify=just)
+    for r in rows:
+        table.add_row(str(r["index"]), show_token(r["text"]), str(r["id"]))
+    console.print(table)
+

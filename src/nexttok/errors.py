@@ -1,0 +1,10 @@
+"""The one exception type users see: a message that names the problem and the fix."""
+
+
+class NexttokError(ValueError):
+    """Bad input or an unusable environment. The CLI prints ``error: <message>`` and exits 2;
+    the server answers HTTP 400 with an OpenAI-style error body."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param

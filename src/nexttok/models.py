@@ -1,0 +1,178 @@
+"""The one place that decides where a model comes from, and loads it with its tokenizer.
+
+A model spec is one of: ``default`` (the packaged SmolLM2-135M-Instruct, converted once to a
+safetensors cache), a local Hugging Face folder, a ``.gguf`` file, or a hub id (online only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from nexttok import assets
+from nexttok.errors import NexttokError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MARKER = "nexttok-complete.json"
+NOT_FOUND_HINT = (
+    "give a Hugging Face model folder, a .gguf file, 'default', or a hub id such as " + assets.DEFAULT_HUB_ID
+)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``kind`` is default, folder, gguf or hub."""
+
+    kind: str
+    location: str
+    gguf_file: str | None = None
+
+
+def resolve(spec: str | None = None) -> ModelSource:
+    """Turn a ``--model`` value into a :class:`ModelSource`; ``None`` means ``$NEXTTOK_MODEL`` or default."""
+    spec = (spec or os.environ.get("NEXTTOK_MODEL") or "default").strip()
+    if spec == "default":
+        return ModelSource("default", str(assets.default_gguf()))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", str(path.parent), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise NexttokError(f"'{spec}' is not a model folder (it has no config.json); {NOT_FOUND_HINT}")
+        return ModelSource("folder", str(path))
+    if path.exists():
+        raise NexttokError(f"'{spec}' is neither a model folder nor a .gguf file; {NOT_FOUND_HINT}")
+    if HUB_ID.match(spec) and not spec.startswith((".", "~")):
+        return ModelSource("hub", spec)
+    raise NexttokError(f"model path '{spec}' does not exist; {NOT_FOUND_HINT}")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise NexttokError(f"--threads must be at least 1 (got {threads})", param="threads")
+    torch.set_num_threads(threads)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise NexttokError(f"--dtype must be one of {', '.join(DTYPES)} (got '{name}')", param="dtype")
+    return DTYPES[name]
+
+
+def load_model_and_tokenizer(
+    spec: str | None = None, dtype: str = "float32", threads: int | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
+    """Resolve ``spec`` and load the model (in eval mode) and its tokenizer."""
+    set_threads(threads)
+    dt = torch_dtype(dtype)
+    source = resolve(spec)
+    if source.kind == "default":
+        model, tok = _load_default(dt)
+    elif source.kind == "hub":
+        model, tok = _load_hub(source.location, dt)
+    else:
+        model, tok = _load_folder(source.location, dt, source.gguf_file)
+    return model.eval(), tok, source
+
+
+def _load_folder(folder: str, dt: torch.dtype, gguf_file: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dt)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise NexttokError(f"could not load a causal LM from '{folder}': {first}") from e
+    return model, tok
+
+
+def _load_hub(repo_id: str, dt: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(repo_id)
+        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dt)
+    except OSError as e:
+        raise NexttokError(
+            f"could not fetch '{repo_id}' from the Hugging Face hub (offline, or no such model); "
+            "connect and retry, or use --model default, a local model folder, or a .gguf file"
+        ) from e
+    return model, tok
+
+
+# --- the packaged default: GGUF converted once to a safetensors folder -------------------------
+
+
+def default_cache() -> Path:
+    return assets.cache_dir() / "models" / assets.DEFAULT_MODEL_NAME
+
+
+def _cache_complete(folder: Path) -> bool:
+    """True when the conversion finished: the marker lists every file with its size."""
+    try:
+        sizes = json.loads((folder / MARKER).read_text())["files"]
+        return all((folder / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _load_default(dt: torch.dtype):
+    folder = default_cache()
+    if not _cache_complete(folder):
+        convert_default(folder)
+    try:
+        return _load_folder(str(folder), dt)
+    except (NexttokError, RuntimeError, OSError):
+        # Sizes matched but bytes are corrupt: rebuild once, then load (errors now are real).
+        convert_default(folder)
+        return _load_folder(str(folder), dt)
+
+
+def convert_default(folder: Path) -> Path:
+    """Dequantize the packaged GGUF into a standard HF folder at ``folder``, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = assets.default_gguf()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # save_pretrained refuses while quantization_config is set: rebuild a clean model of the same class.
+    cfg = quantized.config.to_dict()
+    cfg.pop("quantization_config", None)
+    clean = type(quantized)(type(quantized.config).from_dict(cfg))
+    clean.load_state_dict(quantized.state_dict())
+    clean.generation_config = quantized.generation_config
+    clean.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+    (tmp / MARKER).write_text(json.dumps({"source": str(gguf), "files": files}))
+    _replace_dir(tmp, folder)
+    return folder
+
+
+def _replace_dir(tmp: Path, folder: Path) -> None:
+    if folder.exists():
+        old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+        folder.rename(old)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        # Another process finished the same conversion first; theirs is as good as ours.
+        shutil.rmtree(tmp, ignore_errors=True)
