@@ -73,9 +73,7 @@ class LM:
                 "this model's tokenizer has no chat template; drop --chat, or use an instruct/chat model",
                 param="chat",
             )
-        text = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=False
-        )
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         self._check_length(ids)
         return ids

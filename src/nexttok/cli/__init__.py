@@ -27,8 +27,7 @@ class _Group(TyperGroup):
 app = typer.Typer(
     cls=_Group,
     name="nexttok",
-    help="See and use next-token prediction: a language model is a classifier over its vocabulary, "
-    "run in a loop.",
+    help="See and use next-token prediction: a language model is a classifier over its vocabulary, run in a loop.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

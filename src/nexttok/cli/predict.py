@@ -164,4 +164,3 @@ def tokenize(
     for r in rows:
         table.add_row(str(r["index"]), show_token(r["text"]), str(r["id"]))
     console.print(table)
-
