@@ -1,0 +1,1 @@
+"""Data: formats to records, chat rendering with label masks, and batch builders."""
