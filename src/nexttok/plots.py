@@ -36,3 +36,32 @@ def plot_candidates(report: dict, path: str | Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_loss_curve(records: list[dict], path: str | Path) -> Path:
+    """Training loss and held-out loss (nats per token) against the step, from ``metrics.jsonl`` records;
+    held-out bits per character (or byte) on a second axis when they were measured."""
+    plt = _pyplot()
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    held = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    key = next((k for k in ("eval_bits_per_char", "eval_bits_per_byte") if any(k in r for r in records)), None)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", color="tab:blue", alpha=0.8)
+    if held:
+        ax.plot(*zip(*held, strict=True), "o-", label="held-out loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right")
+    if key:
+        bits = [(r["step"], r[key]) for r in records if key in r]
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*bits, strict=True), "s--", color="tab:green", alpha=0.7, markersize=3)
+        ax2.set_ylabel(key.removeprefix("eval_").replace("_", " "), color="tab:green")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

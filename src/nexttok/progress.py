@@ -1,0 +1,50 @@
+"""The training progress bar: step, loss, tokens/s and ETA (rich), on the main process only."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class TrainProgress:
+    """``with TrainProgress(total, start) as bar: bar.update(step, loss, tok_per_s)``; a no-op when disabled."""
+
+    def __init__(self, total: int, start: int = 0, enabled: bool = True, console: Console | None = None):
+        self.enabled = enabled
+        self.rate = 0.0
+        if not enabled:
+            return
+        self.progress = Progress(
+            TextColumn("step"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[rate]} tok/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console or Console(stderr=True),
+            transient=False,
+        )
+        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", rate="-")
+
+    def __enter__(self) -> TrainProgress:
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+    def update(self, step: int, loss: float, tokens_per_second: float) -> None:
+        if not self.enabled:
+            return
+        # A smoothed rate: single steps of small models are noisy.
+        self.rate = tokens_per_second if self.rate == 0 else 0.9 * self.rate + 0.1 * tokens_per_second
+        self.progress.update(self.task, completed=step, loss=f"{loss:.4f}", rate=f"{self.rate:,.0f}")
+
+    def note(self, text: str) -> None:
+        """A line printed above the bar (evaluations, samples)."""
+        if self.enabled:
+            self.progress.console.print(text)

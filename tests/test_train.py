@@ -1,0 +1,153 @@
+"""fit(): the loop learns, resumes exactly, stops on NaN, respects max_seconds; TrainConfig validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_tokenizer, tiny_corpus
+
+from nexttok.errors import NexttokError
+from nexttok.train import TrainConfig, fit, token_loss_sum
+
+
+class ToySource:
+    """Blocks at pseudo-random offsets, a pure function of the index (as the contract requires)."""
+
+    def __init__(self, ids: torch.Tensor, block: int = 32, hook=None):
+        self.ids, self.block, self.hook = ids, block, hook
+
+    def batch(self, index: int, batch_size: int) -> dict[str, torch.Tensor]:
+        if self.hook:
+            self.hook(index)
+        g = torch.Generator().manual_seed(index)
+        off = torch.randint(0, len(self.ids) - self.block, (batch_size,), generator=g)
+        x = torch.stack([self.ids[o : o + self.block] for o in off.tolist()])  # (B, T)
+        return {"input_ids": x, "labels": x.clone()}
+
+    def eval_batches(self, batch_size: int, limit: int):
+        n = batch_size * self.block
+        for i in range(limit):
+            x = self.ids[i * n : (i + 1) * n].view(batch_size, self.block)  # (B, T)
+            yield {"input_ids": x, "labels": x.clone(), "n_bytes": torch.tensor(4 * x.numel())}
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def ids(tok):
+    return torch.tensor(tok.encode(tiny_corpus(8000)))
+
+
+def tiny_model(tok, dropout: float = 0.1):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, attention_dropout=dropout,
+    )  # fmt: skip
+    return LlamaForCausalLM(cfg)
+
+
+def config(out, **kw) -> TrainConfig:
+    base = dict(
+        out_dir=str(out), max_steps=12, batch_size=4, grad_accum=2, lr=3e-3, min_lr=3e-4, warmup_steps=3,
+        eval_every=6, eval_batches=2, save_every=4, log_every=2,
+    )  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+def test_fit_learns_and_writes_a_model_folder(tmp_path, tok, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(tok)
+    with torch.no_grad():
+        loss_sum, n = token_loss_sum(model.eval(), next(ToySource(ids).eval_batches(4, 1)))
+    res = fit(model, tok, ToySource(ids), ToySource(ids), config(tmp_path, sample_every=6, sample_prompt="ROMEO:"))
+    assert res.step == 12 and res.eval["loss"] < float(loss_sum) / n - 0.3  # learned something
+    assert 0 < res.eval["bits_per_byte"] < 10
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in records) and any(r.get("sample", "").startswith("ROMEO:") for r in records)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)  # out_dir itself is a standard HF folder
+    torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight)
+
+
+def test_resume_after_a_crash_gives_the_same_final_loss(tmp_path, tok, ids):
+    whole = fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path / "a"))
+
+    def crash(index: int) -> None:
+        if index == 2 * 10:  # the first micro-batch of step 10; the last checkpoint is step 8
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_model(tok), tok, ToySource(ids, hook=crash), None, config(tmp_path / "b"))
+    state = json.loads((tmp_path / "b/checkpoint/trainer_state.json").read_text())
+    assert state["step"] == 8
+    # A fresh model object (different init) proves the weights come from the checkpoint.
+    torch.manual_seed(123)
+    resumed = fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path / "b"), resume=True)
+    assert resumed.step == 12
+    assert resumed.train_loss == pytest.approx(whole.train_loss, abs=1e-6)
+
+
+def test_a_second_run_into_the_same_folder_needs_resume(tmp_path, tok, ids):
+    fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path, max_steps=2, warmup_steps=1))
+    with pytest.raises(NexttokError, match="--resume"):
+        fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path, max_steps=2, warmup_steps=1))
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path, tok, ids):
+    model = tiny_model(tok)
+
+    def poison(index: int) -> None:
+        if index == 2 * 6:  # step 6 (0-based): after the checkpoint of step 4
+            with torch.no_grad():
+                model.lm_head.weight[0, 0] = float("nan")
+
+    with pytest.raises(NexttokError, match=r"loss became nan at step 7.*last good checkpoint \(step 4\)"):
+        fit(model, tok, ToySource(ids, hook=poison), None, config(tmp_path))
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "checkpoint/model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_max_seconds_stops_cleanly_with_a_checkpoint(tmp_path, tok, ids):
+    res = fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path, max_steps=10_000, max_seconds=0.5))
+    assert res.stopped_early and 0 < res.step < 10_000
+    assert json.loads((tmp_path / "checkpoint/trainer_state.json").read_text())["step"] == res.step
+
+
+def test_grad_accum_matches_one_big_batch(tmp_path, tok, ids):
+    """The loss is the mean over every trained token of the step, however it is split."""
+    a = fit(tiny_model(tok, 0.0), tok, ToySource(ids), None, config(tmp_path / "a", batch_size=8, grad_accum=1))
+
+    class Halves(ToySource):
+        def batch(self, index, batch_size):
+            full = super().batch(index // 2, 2 * batch_size)
+            half = slice(0, batch_size) if index % 2 == 0 else slice(batch_size, None)
+            return {k: v[half] for k, v in full.items()}
+
+    b = fit(tiny_model(tok, 0.0), tok, Halves(ids), None, config(tmp_path / "b", batch_size=4, grad_accum=2))
+    assert b.train_loss == pytest.approx(a.train_loss, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [("lr", 0.0, "in (0, 1]"), ("max_steps", 0, ">= 1"), ("warmup_steps", 99, "in [0, max_steps=12]")],
+)
+def test_config_errors_name_the_field_and_range(tmp_path, field, value, allowed):
+    with pytest.raises(NexttokError, match=rf"train\.{field} must be {__import__('re').escape(allowed)}"):
+        config(tmp_path, **{field: value})
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr(tmp_path):
+    c = config(tmp_path, max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
+    assert c.lr_at(0) == pytest.approx(1e-4) and c.lr_at(9) == pytest.approx(1e-3)
+    assert c.lr_at(55) == pytest.approx(5.5e-4) and c.lr_at(100) == pytest.approx(1e-4)
