@@ -65,3 +65,25 @@ def plot_loss_curve(records: list[dict], path: str | Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_compare(comparison, names: tuple[str, str], path: str | Path) -> Path:
+    """Paired bars: each candidate's probability under model A and model B (``nexttok compare --plot``)."""
+    plt = _pyplot()
+    rows = comparison.rows
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(rows) + 2), 4))
+    ax.bar([x - 0.2 for x in xs], [r.prob_a for r in rows], 0.4, label=f"A: {names[0]}")
+    ax.bar([x + 0.2 for x in xs], [r.prob_b for r in rows], 0.4, label=f"B: {names[1]}")
+    # Control characters have no glyph: show them escaped.
+    labels = ["".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in r.shown) for r in rows]
+    ax.set_xticks(list(xs), labels, rotation=45, ha="right")
+    ax.set_ylabel("probability")
+    ax.set_title(f"KL(A‖B) {comparison.kl_ab_bits:.3f} bits · JS {comparison.js_bits:.3f} bits", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
