@@ -89,11 +89,12 @@ class Distribution:
         """The ``k`` most likely tokens, best first; ``k`` above the vocabulary size is clamped."""
         if k < 1:
             raise NexttokError(f"top k must be at least 1 (got {k})", param="top")
-        values, ids = torch.topk(self.logprobs, min(k, self.vocab_size))
-        return [
-            Row(rank=r + 1, id=int(i), text=self.lm.token_text(int(i)), prob=math.exp(float(v)), logprob=float(v))
-            for r, (v, i) in enumerate(zip(values, ids, strict=True))
-        ]
+        ids = torch.topk(self.logprobs, min(k, self.vocab_size)).indices
+        return [self._row(r + 1, int(i)) for r, i in enumerate(ids.tolist())]
+
+    def _row(self, rank: int, token_id: int) -> Row:
+        text = self.lm.token_text(token_id)
+        return Row(rank, token_id, text, float(self.probs[token_id]), float(self.logprobs[token_id]))
 
     def rank_of(self, token_id: int) -> int:
         """1-based rank: one more than the number of tokens strictly more likely."""

@@ -89,12 +89,13 @@ def load_model_and_tokenizer(
 
 
 def _load_folder(folder: str, dt: torch.dtype, gguf_file: str | None = None):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dt)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NexttokError(f"could not load a causal LM from '{folder}': {first}") from e
     return model, tok
@@ -136,7 +137,7 @@ def _load_default(dt: torch.dtype):
         convert_default(folder)
     try:
         return _load_folder(str(folder), dt)
-    except (NexttokError, RuntimeError, OSError):
+    except NexttokError:
         # Sizes matched but bytes are corrupt: rebuild once, then load (errors now are real).
         convert_default(folder)
         return _load_folder(str(folder), dt)

@@ -1,0 +1,85 @@
+"""Model resolution: one place decides default / folder / .gguf / hub id, with clear errors; the
+default model's converted cache is detected when partial or corrupt and rebuilt."""
+
+import json
+import shutil
+
+import pytest
+
+import nexttok
+from nexttok import models
+from nexttok.errors import NexttokError
+
+
+def test_resolve_kinds(tiny_model_dir, tmp_path, monkeypatch):
+    assert models.resolve("default").kind == "default"
+    assert models.resolve(None).kind == "default"
+    assert models.resolve(str(tiny_model_dir)) == models.ModelSource("folder", str(tiny_model_dir))
+    assert models.resolve("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert models.resolve(str(gguf)) == models.ModelSource("gguf", str(tmp_path), "m.gguf")
+    monkeypatch.setenv("NEXTTOK_MODEL", str(tiny_model_dir))
+    assert models.resolve(None).kind == "folder"
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: p / "missing", "does not exist"),
+        (lambda p: p / "./a/b/c", "does not exist"),
+        (lambda p: (p / "d").mkdir() or p / "d", "not a model folder"),
+        (lambda p: (p / "f.txt").write_text("x") and p / "f.txt", "neither a model folder nor a .gguf"),
+    ],
+)
+def test_resolve_errors(tmp_path, make, message):
+    with pytest.raises(NexttokError, match=message):
+        models.resolve(str(make(tmp_path)))
+
+
+def test_hub_offline_is_one_clear_error():
+    with pytest.raises(NexttokError, match="could not fetch 'nobody-here/no-such-model'.*--model default"):
+        nexttok.load("nobody-here/no-such-model")
+
+
+def test_broken_model_folder(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(NexttokError, match="could not load"):
+        nexttok.load(str(tmp_path))
+
+
+def test_dtype_bfloat16(tiny_model_dir):
+    import torch
+
+    lm = nexttok.load(str(tiny_model_dir), dtype="bfloat16")
+    assert lm.model.dtype == torch.bfloat16
+    assert abs(float(lm.distribution("the king").probs.sum()) - 1) < 1e-5
+
+
+def test_partial_cache_is_not_complete(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x" * 100)
+    assert not models._cache_complete(folder)  # no marker: the conversion never finished
+    (folder / models.MARKER).write_text(json.dumps({"files": {"model.safetensors": 100}}))
+    assert models._cache_complete(folder)
+    (folder / "model.safetensors").write_bytes(b"x" * 50)  # truncated
+    assert not models._cache_complete(folder)
+    (folder / models.MARKER).write_text("{")  # marker itself cut short
+    assert not models._cache_complete(folder)
+
+
+@pytest.mark.integration
+def test_corrupt_default_cache_is_rebuilt(default_lm, tmp_path, monkeypatch):
+    """Bytes damaged in place (same size): loading fails once, the cache is rebuilt, and it works."""
+    real = models.default_cache()
+    monkeypatch.setenv("NEXTTOK_CACHE", str(tmp_path))
+    folder = models.default_cache()
+    assert folder != real
+    shutil.copytree(real, folder)
+    with (folder / "model.safetensors").open("r+b") as f:
+        f.write(b"\xff" * 64)  # clobber the safetensors header
+    assert models._cache_complete(folder)
+    lm = nexttok.load("default")
+    assert lm.distribution("The capital of France is").top(1)[0].text == " Paris"
+    assert models._cache_complete(folder)
