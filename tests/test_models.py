@@ -28,6 +28,7 @@ def test_resolve_kinds(tiny_model_dir, tmp_path, monkeypatch):
     [
         (lambda p: p / "missing", "does not exist"),
         (lambda p: p / "./a/b/c", "does not exist"),
+        (lambda p: "models/missing.gguf", "does not exist"),
         (lambda p: (p / "d").mkdir() or p / "d", "not a model folder"),
         (lambda p: (p / "f.txt").write_text("x") and p / "f.txt", "neither a model folder nor a .gguf"),
     ],
@@ -38,7 +39,7 @@ def test_resolve_errors(tmp_path, make, message):
 
 
 def test_hub_offline_is_one_clear_error():
-    with pytest.raises(NexttokError, match="could not fetch 'nobody-here/no-such-model'.*--model default"):
+    with pytest.raises(NexttokError, match="'nobody-here/no-such-model' is not a local path.*--model default"):
         nexttok.load("nobody-here/no-such-model")
 
 
@@ -83,3 +84,12 @@ def test_corrupt_default_cache_is_rebuilt(default_lm, tmp_path, monkeypatch):
     lm = nexttok.load("default")
     assert lm.distribution("The capital of France is").top(1)[0].text == " Paris"
     assert models._cache_complete(folder)
+
+
+@pytest.mark.integration
+def test_gguf_file_loads_directly():
+    from nexttok.assets import default_gguf
+
+    lm = nexttok.load(str(default_gguf()))
+    assert lm.source.kind == "gguf"
+    assert lm.distribution("The capital of France is").top(1)[0].text == " Paris"

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,12 +49,14 @@ def resolve(spec: str | None = None) -> ModelSource:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource("gguf", str(path.parent), path.name)
     if path.is_dir():
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            return ModelSource("adapter", str(path))
         if not (path / "config.json").is_file():
             raise NexttokError(f"'{spec}' is not a model folder (it has no config.json); {NOT_FOUND_HINT}")
         return ModelSource("folder", str(path))
     if path.exists():
         raise NexttokError(f"'{spec}' is neither a model folder nor a .gguf file; {NOT_FOUND_HINT}")
-    if HUB_ID.match(spec) and not spec.startswith((".", "~")):
+    if HUB_ID.match(spec) and not spec.startswith((".", "~")) and path.suffix != ".gguf":
         return ModelSource("hub", spec)
     raise NexttokError(f"model path '{spec}' does not exist; {NOT_FOUND_HINT}")
 
@@ -83,6 +86,8 @@ def load_model_and_tokenizer(
         model, tok = _load_default(dt)
     elif source.kind == "hub":
         model, tok = _load_hub(source.location, dt)
+    elif source.kind == "adapter":
+        model, tok = _load_adapter(source.location, dtype)
     else:
         model, tok = _load_folder(source.location, dt, source.gguf_file)
     return model.eval(), tok, source
@@ -101,6 +106,22 @@ def _load_folder(folder: str, dt: torch.dtype, gguf_file: str | None = None):
     return model, tok
 
 
+def _load_adapter(folder: str, dtype: str):
+    """A LoRA adapter folder (``nexttok finetune --lora``): its base model with the adapter merged in."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoTokenizer
+
+    base_spec = PeftConfig.from_pretrained(folder).base_model_name_or_path
+    try:
+        base, _, _ = load_model_and_tokenizer(base_spec, dtype=dtype)
+    except NexttokError as e:
+        raise NexttokError(f"the LoRA adapter in '{folder}' needs its base model '{base_spec}': {e}") from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calls a transformers API deprecated for v6
+        model = PeftModel.from_pretrained(base, folder).merge_and_unload()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
 def _load_hub(repo_id: str, dt: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -109,7 +130,8 @@ def _load_hub(repo_id: str, dt: torch.dtype):
         model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dt)
     except OSError as e:
         raise NexttokError(
-            f"could not fetch '{repo_id}' from the Hugging Face hub (offline, or no such model); "
+            f"'{repo_id}' is not a local path, and could not be fetched from the Hugging Face hub "
+            "(offline, or no such model); "
             "connect and retry, or use --model default, a local model folder, or a .gguf file"
         ) from e
     return model, tok
