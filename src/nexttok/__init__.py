@@ -3,7 +3,24 @@ vocabulary, run in a loop."""
 
 from nexttok.distribution import Distribution, Row, TokenProb
 from nexttok.errors import NexttokError
+from nexttok.generate import Step, generate
 from nexttok.lm import LM, load
+from nexttok.processors import (
+    FrequencyPenalty,
+    LogitBias,
+    MinP,
+    PresencePenalty,
+    RepetitionPenalty,
+    Temperature,
+    TopK,
+    TopP,
+    Typical,
+    build_processors,
+)
+from nexttok.sampling import SamplingConfig
 
 __all__ = ["LM", "Distribution", "NexttokError", "Row", "TokenProb", "load"]
+__all__ += ["SamplingConfig", "Step", "build_processors", "generate"]
+__all__ += ["FrequencyPenalty", "LogitBias", "MinP", "PresencePenalty", "RepetitionPenalty", "Temperature", "TopK"]
+__all__ += ["TopP", "Typical"]
 __version__ = "0.1.0"

@@ -1,0 +1,237 @@
+"""The autoregressive loop: predict a distribution, pick a token, append it, repeat.
+
+:func:`generate` is an iterator of :class:`Step` records (the trace): one prefill over the prompt,
+then one model call per new token with the KV cache. N samples of one prompt run as one batch that
+shares the prefill. Text appears only at the edge: each step carries the token's text and the
+``delta`` that is safe to print (held back while it could still become a stop string).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from nexttok.engine import Decoder
+from nexttok.errors import NexttokError
+from nexttok.lm import LM
+from nexttok.processors import StageRecord, apply, build_processors
+from nexttok.sampling import SamplingConfig, make_generators, sample
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One of the model's top candidates at a step."""
+
+    id: int
+    text: str
+    prob: float
+
+
+@dataclass(frozen=True)
+class Step:
+    """One generated token and how it was chosen.
+
+    ``prob``, ``logprob``, ``rank`` and ``entropy`` (nats) describe the model's own distribution
+    (before any stage); ``sampled_prob`` is the token's probability in the distribution it was drawn
+    from (after every stage). ``finish_reason`` is set on a sample's last step: ``eos``, ``stop`` or
+    ``length``. ``stages`` (with ``trace=True``) says what each sampling stage kept.
+    """
+
+    sample: int
+    index: int
+    position: int
+    id: int
+    text: str
+    delta: str
+    prob: float
+    logprob: float
+    rank: int
+    entropy: float
+    sampled_prob: float
+    alternatives: list[Alternative]
+    seed: int | None
+    stages: list[StageRecord] | None = None
+    finish_reason: str | None = None
+
+
+def eos_ids(lm: LM) -> set[int]:
+    """Every id that ends a turn: the model's generation config and the tokenizer's EOS."""
+    found: set[int] = set()
+    for value in (getattr(lm.model.generation_config, "eos_token_id", None), lm.tokenizer.eos_token_id):
+        found.update(value if isinstance(value, list) else [] if value is None else [value])
+    return found
+
+
+def resolve_bias(lm: LM, bias: dict[str | int, float]) -> dict[int, float]:
+    """Logit-bias keys (token text or id) as single token ids; a text of several tokens is an error."""
+    out: dict[int, float] = {}
+    for token, value in bias.items():
+        key = int(token) if isinstance(token, str) and token.isdigit() else token
+        ids = lm.token_ids(key)
+        if len(ids) != 1:
+            pieces = " + ".join(repr(lm.token_text(i)) for i in ids)
+            raise NexttokError(
+                f"logit bias token {token!r} is {len(ids)} tokens ({pieces}); bias one token: give its text or id",
+                param="logit_bias",
+            )
+        out[ids[0]] = out.get(ids[0], 0.0) + float(value)
+    return out
+
+
+def check_context(lm: LM, n_prompt: int, max_new_tokens: int) -> None:
+    """A prompt plus its new tokens must fit the model's context: an error, never a silent cut."""
+    limit = lm.context_length
+    if limit is not None and n_prompt + max_new_tokens > limit:
+        raise NexttokError(
+            f"the prompt is {n_prompt} tokens and max_new_tokens is {max_new_tokens}: {n_prompt + max_new_tokens} "
+            f"is more than the model's context of {limit}; shorten the prompt or lower --max-new-tokens",
+            param="max_new_tokens",
+        )
+
+
+class _Text:
+    """Turns one sample's ids into printable text: cuts at a stop string, holds back what could
+    still become one (or half of a UTF-8 character), so nothing printed is ever taken back."""
+
+    def __init__(self, lm: LM, stop: tuple[str, ...]):
+        self.lm, self.stop, self.ids, self.emitted = lm, stop, [], 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add a token; return the text now safe to print and whether a stop string was hit."""
+        self.ids.append(token)
+        full = self.lm.tokenizer.decode(self.ids)
+        start = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
+        hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            return self._take(full, min(hits)), True
+        safe = len(full.rstrip("\ufffd"))  # a trailing U+FFFD is half a character still arriving
+        hold = 0
+        for s in self.stop:  # the longest tail of the text that begins a stop string waits
+            hold = max([hold] + [n for n in range(1, len(s)) if full[:safe].endswith(s[:n])])
+        safe -= hold
+        return self._take(full, max(safe, self.emitted)), False
+
+    def flush(self) -> str:
+        return self._take(self.lm.tokenizer.decode(self.ids), None)
+
+    def _take(self, full: str, end: int | None) -> str:
+        end = len(full) if end is None else end
+        out, self.emitted = full[self.emitted : end], max(end, self.emitted)
+        return out
+
+
+@dataclass
+class _Row:
+    """Per-sample state of the loop."""
+
+    text: _Text
+    seed: int | None
+    done: bool = False
+
+
+def _describe(logits: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor, top: int) -> dict[str, list]:
+    """Per-row statistics of the chosen tokens, batched and moved to Python in one go."""
+    logp = torch.log_softmax(logits, dim=-1)  # (B, V): the model's own distribution
+    chosen_lp = logp.gather(1, chosen[:, None])  # (B, 1)
+    alt_lp, alt_ids = torch.topk(logp, top, dim=-1)  # (B, top)
+    return {
+        "logprob": chosen_lp[:, 0].tolist(),
+        "rank": ((logp > chosen_lp).sum(-1) + 1).tolist(),
+        "entropy": (-(logp.exp() * logp).nan_to_num().sum(-1)).tolist(),
+        "sampled": torch.softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0].tolist(),
+        "alt_lp": alt_lp.tolist(),
+        "alt_ids": alt_ids.tolist(),
+    }
+
+
+def _finish(row: _Row, token: int, eos: set[int], last: bool) -> tuple[str, str | None]:
+    """Feed one token to a sample's text; return the text to print and why the sample ends (or None)."""
+    if token in eos:
+        return row.text.flush(), "eos"
+    delta, hit = row.text.push(token)
+    if hit:
+        return delta, "stop"
+    if last:
+        return delta + row.text.flush(), "length"
+    return delta, None
+
+
+def _step_records(lm: LM, rows: list[_Row], chosen: list[int], info: dict, ctx: dict) -> Iterator[Step]:
+    """The Step of each still-running sample at one position; marks the samples that finish."""
+    for i, row in enumerate(rows):
+        if row.done:
+            continue
+        delta, reason = _finish(row, chosen[i], ctx["eos"], ctx["last"])
+        row.done = reason is not None
+        alts = [
+            Alternative(a, lm.token_text(a), math.exp(lp))
+            for a, lp in zip(info["alt_ids"][i], info["alt_lp"][i], strict=True)
+        ]
+        yield Step(
+            sample=i, index=ctx["index"], position=ctx["position"], id=chosen[i], text=lm.token_text(chosen[i]),
+            delta=delta, prob=math.exp(info["logprob"][i]), logprob=info["logprob"][i], rank=info["rank"][i],
+            entropy=info["entropy"][i], sampled_prob=info["sampled"][i], alternatives=alts, seed=row.seed,
+            stages=ctx["records"][i] if ctx["records"] else None, finish_reason=reason,
+        )  # fmt: skip
+
+
+def _seeds(config: SamplingConfig, n: int) -> list[int | None]:
+    """Sample i draws with seed + i; without a seed, a fresh one is drawn so every run can be replayed."""
+    if config.greedy:
+        return [None] * n
+    base = config.seed if config.seed is not None else secrets.randbits(62)
+    return [base + i for i in range(n)]
+
+
+def generate(
+    lm: LM,
+    prompt: str | list[int],
+    config: SamplingConfig | None = None,
+    *,
+    num_samples: int = 1,
+    chat: bool = False,
+    trace: bool = False,
+    alternatives: int = 3,
+) -> Iterator[Step]:
+    """Generate from ``prompt`` (text, or token ids), yielding one :class:`Step` per new token per sample.
+
+    One prefill reads the prompt; each later step runs the model on one new token per sample with the
+    KV cache. ``num_samples`` samples share the prefill and run as one batch; sample i uses seed
+    ``config.seed + i``. ``chat`` renders a text prompt as a user message. ``trace`` records what each
+    sampling stage kept. A prompt plus ``max_new_tokens`` longer than the context is an error.
+    """
+    config = config or SamplingConfig()
+    if not (isinstance(num_samples, int) and num_samples >= 1):
+        raise NexttokError(f"num_samples must be at least 1 (got {num_samples})", param="num_samples")
+    ids = lm.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
+    check_context(lm, len(ids), config.max_new_tokens)
+    stages = build_processors(config, resolve_bias(lm, config.logit_bias))
+    seeds = _seeds(config, num_samples)
+    rows = [_Row(_Text(lm, config.stop), seed) for seed in seeds]
+    yield from _loop(lm, ids, config, stages, rows, trace, alternatives)
+
+
+def _loop(lm: LM, ids: list[int], config: SamplingConfig, stages: list, rows: list[_Row], trace: bool, top: int):
+    """Prefill, then per position: stages -> sample -> Steps -> feed the chosen tokens back."""
+    n = len(rows)
+    generators = None if config.greedy else make_generators([r.seed for r in rows])
+    eos = set() if config.ignore_eos else eos_ids(lm)
+    decoder = Decoder(lm, len(ids) + config.max_new_tokens)
+    context = torch.tensor([ids]).expand(n, -1)  # (B, T): what the penalties look at
+    logits = decoder.prefill(ids, n)  # (B, V)
+    for index in range(config.max_new_tokens):
+        scores, records = apply(stages, context, logits, trace)
+        chosen = sample(scores, generators)  # (B,)
+        info = _describe(logits, scores, chosen, top)
+        ctx = {"index": index, "position": len(ids) + index, "eos": eos, "records": records}
+        ctx["last"] = index + 1 == config.max_new_tokens
+        yield from _step_records(lm, rows, chosen.tolist(), info, ctx)
+        if all(r.done for r in rows):
+            return
+        if stages:
+            context = torch.cat([context, chosen[:, None]], dim=1)  # (B, T + 1)
+        logits = decoder.step(chosen)

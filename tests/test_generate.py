@@ -1,0 +1,155 @@
+"""The loop: greedy equals HF generate, the cache is exact, seeds reproduce, stops and limits hold."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nexttok.engine import Decoder
+from nexttok.errors import NexttokError
+from nexttok.generate import generate
+from nexttok.sampling import SamplingConfig
+
+PROMPT = "To be, or not to be"
+
+
+def ids_of(steps) -> list[int]:
+    return [s.id for s in steps]
+
+
+def greedy(n: int, **kw) -> SamplingConfig:
+    return SamplingConfig(temperature=0, max_new_tokens=n, ignore_eos=True, **kw)
+
+
+def test_greedy_equals_hf_generate(tiny_lm):
+    ids = tiny_lm.encode(PROMPT)
+    ours = ids_of(generate(tiny_lm, ids, greedy(40)))
+    hf = tiny_lm.model.generate(torch.tensor([ids]), max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    assert ours == hf[0, len(ids) :].tolist()
+
+
+def test_cached_logits_equal_recomputed_logits(tiny_lm):
+    ids = tiny_lm.encode(PROMPT)
+    decoder = Decoder(tiny_lm, len(ids) + 12)
+    logits = decoder.prefill(ids)[0]
+    seq = list(ids)
+    for _ in range(12):
+        torch.testing.assert_close(logits, tiny_lm.last_logits(seq).float(), atol=1e-4, rtol=1e-4)
+        seq.append(int(logits.argmax()))
+        logits = decoder.step(torch.tensor([seq[-1]]))[0]
+
+
+def test_steps_describe_the_model_distribution(tiny_lm):
+    steps = list(generate(tiny_lm, PROMPT, greedy(5)))
+    assert [s.index for s in steps] == list(range(5))
+    first = steps[0]
+    d = tiny_lm.distribution(PROMPT)
+    assert first.position == len(tiny_lm.encode(PROMPT))
+    assert first.rank == 1 and first.id == d.top(1)[0].id
+    assert first.prob == pytest.approx(d.top(1)[0].prob, abs=1e-5)
+    assert first.entropy == pytest.approx(d.entropy, abs=1e-4)
+    assert [a.id for a in first.alternatives] == [r.id for r in d.top(3)]
+    assert [s.finish_reason for s in steps] == [None] * 4 + ["length"]
+
+
+def test_max_new_tokens_is_honoured_and_text_is_complete(tiny_lm):
+    steps = list(generate(tiny_lm, PROMPT, SamplingConfig(max_new_tokens=7, seed=1, ignore_eos=True)))
+    assert len(steps) == 7
+    assert "".join(s.delta for s in steps) == tiny_lm.tokenizer.decode(ids_of(steps))
+
+
+def test_same_seed_same_output_different_seed_differs(tiny_lm):
+    def run(seed: int) -> list[int]:
+        return ids_of(generate(tiny_lm, PROMPT, SamplingConfig(seed=seed, max_new_tokens=20, ignore_eos=True)))
+
+    assert run(5) == run(5)
+    assert run(5) != run(6)
+
+
+def test_same_seed_same_output_in_a_new_process(tiny_lm, tiny_model_dir):
+    code = (
+        "import nexttok; from nexttok.generate import generate; from nexttok.sampling import SamplingConfig;"
+        f"lm = nexttok.load({str(tiny_model_dir)!r});"
+        f"print([s.id for s in generate(lm, {PROMPT!r}, SamplingConfig(seed=5, max_new_tokens=20, ignore_eos=True))])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    here = ids_of(generate(tiny_lm, PROMPT, SamplingConfig(seed=5, max_new_tokens=20, ignore_eos=True)))
+    assert out.strip() == str(here)
+
+
+def test_stop_string_across_token_boundary_is_not_emitted(tiny_lm):
+    steps = list(generate(tiny_lm, PROMPT, greedy(30)))
+    pieces = [tiny_lm.tokenizer.decode(ids_of(steps[: i + 1])) for i in range(30)]
+    # A stop string made of the end of one token's text and the start of the next one's.
+    i = next(i for i in range(5, 29) if len(pieces[i]) - len(pieces[i - 1]) >= 2 and pieces[i + 1] != pieces[i])
+    cut = len(pieces[i]) - 1
+    stop = pieces[i + 1][cut : cut + 2]
+    assert len(stop) == 2 and pieces[i + 1].find(stop) == cut  # it spans tokens i and i + 1
+    out = list(generate(tiny_lm, PROMPT, greedy(30, stop=(stop,))))
+    assert out[-1].finish_reason == "stop" and len(out) == i + 2
+    assert "".join(s.delta for s in out) == pieces[i + 1][:cut]
+
+
+def test_eos_ends_the_sample(tiny_lm):
+    eos = tiny_lm.model.generation_config.eos_token_id
+    config = SamplingConfig(seed=0, max_new_tokens=10, logit_bias={eos: 100.0})
+    steps = list(generate(tiny_lm, PROMPT, config))
+    assert len(steps) == 1 and steps[0].id == eos and steps[0].finish_reason == "eos" and steps[0].delta == ""
+
+
+def test_n_samples_share_one_prefill(tiny_lm):
+    calls: list[tuple[int, ...]] = []
+    hook = tiny_lm.model.model.register_forward_pre_hook(
+        lambda mod, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        config = SamplingConfig(seed=3, max_new_tokens=6, ignore_eos=True)
+        steps = list(generate(tiny_lm, PROMPT, config, num_samples=4))
+    finally:
+        hook.remove()
+    n_prompt = len(tiny_lm.encode(PROMPT))
+    assert calls == [(1, n_prompt)] + [(4, 1)] * 5  # one prefill, then one batched call per token
+    assert sorted({s.sample for s in steps}) == [0, 1, 2, 3]
+    assert [s.seed for s in steps if s.index == 0] == [3, 4, 5, 6]
+
+
+def test_sample_i_of_a_batch_equals_a_single_run_with_its_seed(tiny_lm):
+    config = SamplingConfig(seed=10, max_new_tokens=12, ignore_eos=True)
+    batch = list(generate(tiny_lm, PROMPT, config, num_samples=3))
+    third = [s.id for s in batch if s.sample == 2]
+    single = SamplingConfig(seed=12, max_new_tokens=12, ignore_eos=True)
+    assert third == ids_of(generate(tiny_lm, PROMPT, single))
+
+
+def test_trace_records_stages(tiny_lm):
+    config = SamplingConfig(seed=0, max_new_tokens=2, temperature=0.7, top_k=10, top_p=0.9, ignore_eos=True)
+    step = next(generate(tiny_lm, PROMPT, config, trace=True))
+    names = [r.name for r in step.stages]
+    assert names == ["model", "temperature", "top_k", "top_p"]
+    assert step.stages[0].survivors == tiny_lm.vocab_size and step.stages[2].survivors == 10
+    assert step.stages[3].survivors <= 10
+
+
+def test_context_overflow_is_an_error(tiny_lm):
+    ids = tiny_lm.encode(PROMPT)
+    with pytest.raises(NexttokError, match="context of 256"):
+        list(generate(tiny_lm, ids, SamplingConfig(max_new_tokens=257 - len(ids))))
+
+
+def test_bad_logit_bias_and_num_samples(tiny_lm):
+    with pytest.raises(NexttokError, match="tokens"):
+        list(generate(tiny_lm, PROMPT, SamplingConfig(logit_bias={"To be, or not": 1.0})))
+    with pytest.raises(NexttokError, match="num_samples"):
+        list(generate(tiny_lm, PROMPT, num_samples=0))
+
+
+@pytest.mark.integration
+def test_default_model_greedy_equals_hf_generate(default_lm):
+    ids = default_lm.encode("The capital of France is")
+    steps = list(generate(default_lm, ids, greedy(16)))
+    hf = default_lm.model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert ids_of(steps) == hf[0, len(ids) :].tolist()
+    assert steps[0].text == " Paris"
