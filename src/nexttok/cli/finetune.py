@@ -41,6 +41,59 @@ OneModelOpt = Annotated[
 TRAINED_STYLE, MASKED_STYLE = "bold black on green", "dim"
 
 
+@app.command()
+def finetune(
+    data: DataOpt,
+    out: Annotated[str, typer.Option("--out", "-o", help="Output folder (checkpoint, metrics, model).")],
+    model: OneModelOpt = None,
+    fmt: FormatOpt = None,
+    train_on: TrainOnOpt = None,
+    max_length: MaxLenOpt = 1024,
+    truncate: TruncateOpt = False,
+    layout: Annotated[str, typer.Option("--layout", help="pack (several records per row) or pad.")] = "pack",
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the training records.")] = 1.0,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (overrides --epochs).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Rows per micro-batch.")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 1,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate [default: 2e-5, LoRA 2e-4].")] = None,
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Records held out for eval.")] = 0.05,
+    eval_every: Annotated[int | None, typer.Option("--eval-every", help="Evaluate every N steps.")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters (peft) instead of every weight.")] = False,
+    lora_r: Annotated[int, typer.Option("--lora-r", help="LoRA rank.")] = 8,
+    lora_alpha: Annotated[int, typer.Option("--lora-alpha", help="LoRA alpha (scale = alpha / r).")] = 16,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout", help="Dropout on the LoRA input.")] = 0.05,
+    lora_targets: Annotated[
+        str, typer.Option("--lora-targets", help="Comma-separated module names, or all-linear.")
+    ] = "all-linear",
+    merge: Annotated[bool, typer.Option("--merge", help="Also write OUT/merged: a plain HF folder.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the checkpoint in --out exactly.")] = False,
+    max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="Stop after this much training.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Shuffling, eval split and init seed.")] = 0,
+    bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast.")] = False,
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+) -> None:
+    """Fine-tune a model on instruction, chat or text records with the same loop as pretrain."""
+    from nexttok.finetune import DataOptions, LoraOptions
+    from nexttok.finetune import finetune as run_finetune
+
+    data_opts = DataOptions(data, fmt, train_on, max_length, truncate, layout, eval_fraction, seed)
+    targets = [t.strip() for t in lora_targets.split(",") if t.strip()]
+    lora_opts = LoraOptions(lora_r, lora_alpha, lora_dropout, targets) if lora else None
+    train = {"batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "bf16": bf16, "max_seconds": max_seconds}
+    train |= {k: v for k, v in {"lr": lr, "eval_every": eval_every}.items() if v is not None}
+    if lr is not None:
+        train["min_lr"] = lr / 10
+    result = run_finetune(
+        model, data_opts, out, lora_opts, merge, epochs, steps, resume, dtype, threads, console.print, **train
+    )
+    ev = result.fit.eval
+    held = f" · held-out loss {ev['loss']:.4f}" if ev.get("loss") is not None else ""
+    console.print(f"done: {result.fit.step} steps · train loss {result.fit.train_loss:.4f}{held} · saved to {out}")
+    if result.merged:
+        console.print(f"merged model: {result.merged}")
+
+
 @app.command("mask-preview")
 def mask_preview(
     data: DataOpt,
