@@ -38,3 +38,8 @@ def cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "nexttok"
+
+
+def chatterbot_files() -> list[Path]:
+    """chatterbot-corpus's English Q/A conversations (BSD), one YAML file per topic, sorted."""
+    return sorted((package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english").glob("*.yml"))

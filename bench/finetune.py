@@ -1,0 +1,204 @@
+"""Benchmark: fine-tuning throughput, nexttok's fit() vs TRL's SFTTrainer, full and LoRA.
+
+Same model (the packaged default, fp32 on CPU), same records (chatterbot-corpus Q/A pairs rendered
+once through the chat template; TRL gets the very same ``input_ids`` and ``labels``, so both train on
+the completion only), maximum length 128, batch size 8. TRL runs with its defaults otherwise
+(``use_cpu=True``; note its SFTConfig turns gradient checkpointing on by default).
+
+Ours runs twice: ``pack`` (8 rows of up to 128 tokens, several records per row, block-diagonal
+attention) and ``pad`` (8 records per batch, length-bucketed padding). Step time is the wall time
+between consecutive steps (every overhead included), median over the steps after the first.
+Reported: seconds per step, records per second, non-padding tokens per second (prompt + completion
+tokens processed), and the ratio ours / TRL (> 1 means we are faster). Interleaved repeats.
+
+    .venv/bin/python bench/finetune.py [--steps 6] [--repeats 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+import yaml
+
+from nexttok.assets import chatterbot_files
+from nexttok.data.chat import Renderer
+from nexttok.data.formats import Record
+from nexttok.models import load_model_and_tokenizer
+
+MAX_LEN, BATCH = 128, 8
+LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["all-linear"]}
+
+
+def chatterbot_records() -> list[Record]:
+    """Every (question, first answer) pair of the English chatterbot corpus."""
+    out = []
+    for path in chatterbot_files():
+        for i, conv in enumerate(yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]):
+            if len(conv) >= 2 and all(isinstance(t, str) for t in conv[:2]):
+                turns = ({"role": "user", "content": conv[0]}, {"role": "assistant", "content": conv[1]})
+                out.append(Record(f"{path.name}:{i}", turns))
+    return out
+
+
+class Clock:
+    """Wall-clock stamps at each step boundary; step times are their differences."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def tick(self) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def step_times(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+
+
+class TimedSource:
+    """Wraps our BatchSource: stamps the clock when the loop asks for a batch, i.e. when a step begins."""
+
+    def __init__(self, inner, clock: Clock):
+        self.inner, self.clock = inner, clock
+
+    def batch(self, index: int, batch_size: int):
+        self.clock.tick()
+        return self.inner.batch(index, batch_size)
+
+    def eval_batches(self, batch_size: int, limit: int):
+        return iter(())
+
+
+def ours_run(examples, layout: str, lora: bool, steps: int, pad_id: int) -> dict:
+    from nexttok.data.batches import FinetuneBatches
+    from nexttok.finetune import LoraOptions, apply_lora, use_block_mask_attention
+    from nexttok.train import TrainConfig, fit
+
+    model, tok, _ = load_model_and_tokenizer("default")
+    if layout == "pack":
+        use_block_mask_attention(model)
+    net = apply_lora(model, LoraOptions(**LORA)) if lora else model
+    source = FinetuneBatches(examples, pad_id, layout, MAX_LEN, seed=0)
+    clock = Clock()
+    timed = TimedSource(source, clock)
+    out = tempfile.mkdtemp(prefix="bench-ft-")
+    lr = 2e-4 if lora else 2e-5
+    config = TrainConfig(out_dir=out, max_steps=steps + 2, batch_size=BATCH, lr=lr, min_lr=lr, warmup_steps=0,
+                         eval_every=0, eval_batches=1, save_every=0, log_every=1000, weight_decay=0.0)  # fmt: skip
+    fit(net, tok, timed, None, config)
+    shutil.rmtree(out, ignore_errors=True)
+    # Steps are timed start to start (the last step has no end stamp), the first one dropped as warm-up.
+    times = clock.step_times()[1:]
+    counts = [_real_counts(source, i) for i in range(len(clock.stamps))]
+    return summarize(times, [c[0] for c in counts[1:-1]], [c[1] for c in counts[1:-1]])
+
+
+def _real_counts(source, index: int) -> tuple[int, int]:
+    """(records, non-padding tokens) of micro-batch ``index``."""
+    epoch, i = source.locate(index, BATCH)
+    rows = source.epoch(epoch, BATCH)[i]
+    ids = [j for row in rows for j in row]
+    return len(ids), sum(source.lengths[j] for j in ids)
+
+
+def trl_run(examples, lora: bool, steps: int) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    model, tok, _ = load_model_and_tokenizer("default")
+    data = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
+    clock = Clock()
+
+    class Stamp(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            clock.tick()
+
+    out = tempfile.mkdtemp(prefix="bench-trl-")
+    args = SFTConfig(output_dir=out, max_steps=steps + 2, per_device_train_batch_size=BATCH, max_length=MAX_LEN,
+                     completion_only_loss=True, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1000,
+                     learning_rate=2e-4 if lora else 2e-5, disable_tqdm=True, dataloader_num_workers=0)  # fmt: skip
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                                 target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
+    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft_config)
+    trainer.add_callback(Stamp())
+    trainer.train()
+    shutil.rmtree(out, ignore_errors=True)
+    times = clock.step_times()[:steps]  # end to end of steps 2..n: the first step is dropped as warm-up
+    mean_len = statistics.mean(len(e) for e in examples)
+    return summarize(times, [BATCH] * len(times), [BATCH * mean_len] * len(times))
+
+
+def summarize(times: list[float], records: list[float], tokens: list[float]) -> dict:
+    n = min(len(times), len(records))
+    per_step = statistics.median(times[:n])
+    return {
+        "s_per_step": per_step,
+        "records_per_s": statistics.median(r / t for r, t in zip(records[:n], times[:n], strict=True)),
+        "tokens_per_s": statistics.median(k / t for k, t in zip(tokens[:n], times[:n], strict=True)),
+        "tokens_per_step": statistics.median(tokens[:n]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per run (after one warm-up step)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    _, tok, _ = load_model_and_tokenizer("default")
+    rendered = Renderer(tok, "completion", MAX_LEN).render_all(chatterbot_records())
+    examples = rendered.examples
+    pad_id = tok.pad_token_id
+    print(f"{len(examples)} chatterbot records, mean {statistics.mean(len(e) for e in examples):.1f} tokens; "
+          f"batch {BATCH}, max length {MAX_LEN}, {args.steps} timed steps x {args.repeats} repeats")  # fmt: skip
+    runs = {
+        ("full", "TRL"): lambda: trl_run(examples, False, args.steps),
+        ("full", "ours pack"): lambda: ours_run(examples, "pack", False, args.steps, pad_id),
+        ("full", "ours pad"): lambda: ours_run(examples, "pad", False, args.steps, pad_id),
+        ("LoRA r=8", "TRL"): lambda: trl_run(examples, True, args.steps),
+        ("LoRA r=8", "ours pack"): lambda: ours_run(examples, "pack", True, args.steps, pad_id),
+        ("LoRA r=8", "ours pad"): lambda: ours_run(examples, "pad", True, args.steps, pad_id),
+    }
+    results: dict = {k: [] for k in runs}
+    for r in range(args.repeats):
+        for key, run in runs.items():
+            res = run()
+            results[key].append(res)
+            print(f"  round {r + 1} {key[0]:>9} {key[1]:<9} {res['s_per_step']:.2f} s/step "
+                  f"{res['records_per_s']:.1f} rec/s {res['tokens_per_s']:.0f} tok/s", flush=True)  # fmt: skip
+    report(results, args.json)
+
+
+def report(results: dict, path: str | None) -> None:
+    med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in results.items()}
+    print(f"\n{'mode':<9} {'trainer':<10} {'s/step':>7} {'tok/step':>8} {'rec/s':>7} {'tok/s':>7} {'rec/s ratio':>11} "
+          f"{'tok/s ratio':>11}")  # fmt: skip
+    for (mode, who), m in med.items():
+        peer = med[(mode, "TRL")]
+        print(f"{mode:<9} {who:<10} {m['s_per_step']:>7.2f} {m['tokens_per_step']:>8.0f} {m['records_per_s']:>7.1f} "
+              f"{m['tokens_per_s']:>7.0f} {m['records_per_s'] / peer['records_per_s']:>10.2f}x "
+              f"{m['tokens_per_s'] / peer['tokens_per_s']:>10.2f}x")  # fmt: skip
+    if path:
+        with open(path, "w") as f:
+            json.dump({f"{k[0]} / {k[1]}": v for k, v in med.items()}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
