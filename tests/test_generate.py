@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nexttok.engine import Decoder
+from nexttok.engine import Decoder, decode_model
 from nexttok.errors import NexttokError
 from nexttok.generate import generate
 from nexttok.sampling import SamplingConfig
@@ -29,6 +29,20 @@ def test_greedy_equals_hf_generate(tiny_lm):
     ours = ids_of(generate(tiny_lm, ids, greedy(40)))
     hf = tiny_lm.model.generate(torch.tensor([ids]), max_new_tokens=40, min_new_tokens=40, do_sample=False)
     assert ours == hf[0, len(ids) :].tolist()
+
+
+def test_decode_copy_shares_weights_and_follows_updates(tiny_model_dir):
+    import nexttok
+
+    lm = nexttok.load(str(tiny_model_dir))
+    fast = decode_model(lm.model)
+    assert fast is decode_model(lm.model)  # built once
+    assert fast.model.embed_tokens.weight is lm.model.model.embed_tokens.weight  # shared, not copied
+    torch.testing.assert_close(fast.lm_head.weight_t, lm.model.lm_head.weight.t())
+    with torch.no_grad():
+        lm.model.lm_head.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
+    assert decode_model(lm.model) is not fast
+    torch.testing.assert_close(decode_model(lm.model).lm_head.weight_t, lm.model.lm_head.weight.t())
 
 
 def test_cached_logits_equal_recomputed_logits(tiny_lm):
@@ -102,7 +116,7 @@ def test_eos_ends_the_sample(tiny_lm):
 
 def test_n_samples_share_one_prefill(tiny_lm):
     calls: list[tuple[int, ...]] = []
-    hook = tiny_lm.model.model.register_forward_pre_hook(
+    hook = decode_model(tiny_lm.model).model.register_forward_pre_hook(
         lambda mod, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     try:
@@ -153,3 +167,16 @@ def test_default_model_greedy_equals_hf_generate(default_lm):
     hf = default_lm.model.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False)
     assert ids_of(steps) == hf[0, len(ids) :].tolist()
     assert steps[0].text == " Paris"
+
+
+def test_stage_records_for_the_next_token(tiny_lm):
+    from nexttok.generate import stage_records
+
+    records = stage_records(tiny_lm, PROMPT, SamplingConfig(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05))
+    assert [r.name for r in records] == ["model", "temperature", "top_k", "top_p", "min_p"]
+    d = tiny_lm.distribution(PROMPT)
+    assert records[0].top[0][0] == d.top(1)[0].id and records[0].top[0][1] == pytest.approx(d.top(1)[0].prob)
+    assert records[1].top[0][1] == pytest.approx(d.with_temperature(0.7).top(1)[0].prob, abs=1e-5)
+    assert records[2].survivors == 50
+    survivors = [r.survivors for r in records]
+    assert survivors == sorted(survivors, reverse=True)  # a filter never brings a token back

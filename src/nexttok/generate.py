@@ -179,6 +179,15 @@ def _step_records(lm: LM, rows: list[_Row], chosen: list[int], info: dict, ctx: 
         )  # fmt: skip
 
 
+def stage_records(lm: LM, prompt: str | list[int], config: SamplingConfig, chat: bool = False) -> list[StageRecord]:
+    """What each sampling stage of ``config`` does to the next-token distribution after ``prompt``:
+    the model's own distribution first, then one record per stage in the fixed order."""
+    ids = lm.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
+    stages = build_processors(config, resolve_bias(lm, config.logit_bias))
+    _, records = apply(stages, torch.tensor([ids]), lm.last_logits(ids).float()[None], trace=True)
+    return records[0]
+
+
 def _seeds(config: SamplingConfig, n: int) -> list[int | None]:
     """Sample i draws with seed + i; without a seed, a fresh one is drawn so every run can be replayed."""
     if config.greedy:
