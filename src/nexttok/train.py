@@ -239,7 +239,8 @@ class _Run:
         with self.autocast():
             metrics = evaluate(self.raw, self.eval_source, self.config.batch_size, self.config.eval_batches)
         self.last_eval = metrics
-        self.log({"step": self.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        timing = {"train_seconds": round(self.train_seconds, 3)}
+        self.log({"step": self.step, **timing, **{f"eval_{k}": v for k, v in metrics.items()}})
         return metrics
 
     def sample(self) -> str:

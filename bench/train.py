@@ -1,0 +1,112 @@
+"""Training throughput: nexttok's fit() against a plain hand-written PyTorch loop, same model, same batches.
+
+Both train the same freshly initialised Llama (the Shakespeare recipe's shape unless overridden) on
+the same BlockSource batches for the same number of steps; runs are interleaved and repeated, and
+the medians are compared. Wall time covers the whole call (fit() includes its progress bar, metrics
+log, final checkpoint and loss plot). MFU = achieved training FLOPs / a measured fp32 matmul peak.
+
+    .venv/bin/python bench/train.py                 # recipe shape, 3 repeats of 12 steps
+    .venv/bin/python bench/train.py --steps 20 --repeats 5 model.layers=2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nexttok.config import load_recipe
+from nexttok.data.blocks import BlockSource, prepare, split_documents
+from nexttok.data.sources import load_corpus
+from nexttok.pretrain import build_model, get_tokenizer, model_stats
+from nexttok.train import TrainConfig, fit
+
+RECIPE = Path(__file__).parents[1] / "recipes" / "shakespeare.yaml"
+
+
+def plain_loop(model, source, steps: int, batch_size: int, lr: float) -> None:
+    """What a user would write by hand: AdamW, forward, shifted cross-entropy, backward, clip, step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    model.train()
+    for step in range(steps):
+        batch = source.batch(step, batch_size)
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits  # (B, T, V)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def ours(model, tok, source, steps: int, batch_size: int, lr: float) -> None:
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(
+            out_dir=out, max_steps=steps, batch_size=batch_size, lr=lr, min_lr=lr / 10, warmup_steps=1,
+            eval_every=0, eval_batches=1, save_every=0, log_every=1,
+        )  # fmt: skip
+        fit(model, tok, source, None, cfg)
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Measured fp32 matmul FLOP/s at this thread count: the practical peak MFU is measured against."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. model.layers=2 train.batch_size=16")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    recipe = load_recipe(RECIPE, args.overrides)
+    corpus = load_corpus(recipe.data.paths)
+    train_docs, _ = split_documents(corpus.documents, 0.1, recipe.data.holdout, 0)
+    tok = get_tokenizer(recipe, train_docs, resume=False)
+    data = prepare(corpus.documents, tok, 0.1, recipe.data.holdout, 0, recipe.data.eos_between_documents)
+    source = BlockSource(data.train, None, recipe.model.context, tok)
+    init = build_model(recipe, tok)
+    stats = model_stats(init, recipe.model.context)
+    B, T, lr = recipe.train.batch_size, recipe.model.context, recipe.train.lr
+    tokens = args.steps * B * T
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()}); threads {args.threads}")
+    print(f"model {stats.parameters:,} params, {stats.flops_per_token / 1e6:.1f} MFLOPs/token; batch {B}x{T}")
+    ours(copy.deepcopy(init), tok, source, 2, B, lr)  # warm-up: allocator, kernels
+    rates: dict[str, list[float]] = {"fit()": [], "plain loop": []}
+    for r in range(args.repeats):
+        order = ["fit()", "plain loop"] if r % 2 == 0 else ["plain loop", "fit()"]
+        for name in order:
+            model = copy.deepcopy(init)
+            t = time.perf_counter()
+            if name == "fit()":
+                ours(model, tok, source, args.steps, B, lr)
+            else:
+                plain_loop(model, source, args.steps, B, lr)
+            rates[name].append(tokens / (time.perf_counter() - t))
+            print(f"  repeat {r + 1} {name:>10}: {rates[name][-1]:,.0f} tokens/s")
+    peak = matmul_peak()
+    a, b = statistics.median(rates["fit()"]), statistics.median(rates["plain loop"])
+    print(f"fit():      {a:,.0f} tokens/s (median of {args.repeats})")
+    print(f"plain loop: {b:,.0f} tokens/s (median of {args.repeats})")
+    print(f"ratio fit()/plain = {a / b:.3f}  (overhead {100 * (1 - a / b):+.1f}%)")
+    print(f"MFU: {a * stats.flops_per_token / peak:.1%} of the measured fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s)")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
