@@ -16,6 +16,12 @@ tokens processed), and the ratio ours / TRL (> 1 means we are faster). Interleav
 
 from __future__ import annotations
 
+import os
+
+# This machine's 2 cores are shared: spinning OpenMP threads stall badly when cores are oversubscribed,
+# sleeping ones do not. Must be set before torch loads (the finetune subprocess inherits it).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import shutil

@@ -17,6 +17,12 @@ Run: ``python examples/shakespeare_plays.py`` (``make finetune-demo``); ``--help
 
 from __future__ import annotations
 
+import os
+
+# This machine's 2 cores are shared: spinning OpenMP threads stall badly when cores are oversubscribed,
+# sleeping ones do not. Must be set before torch loads (the finetune subprocess inherits it).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
 import random
@@ -86,16 +92,25 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
 
 
 @torch.inference_mode()
-def exact_match(lm: nexttok.LM, rows: list[dict]) -> float:
+def exact_match(lm: nexttok.LM, rows: list[dict], batch: int = 16) -> float:
     """Share of questions whose greedy reply would be exactly the title (then end of turn)."""
     end = lm.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pairs = [
+        (lm.encode_chat([{"role": "user", "content": r["prompt"]}]),
+         lm.tokenizer.encode(r["completion"], add_special_tokens=False) + [end])
+        for r in rows
+    ]  # fmt: skip
     right = 0
-    for row in rows:
-        prompt = lm.encode_chat([{"role": "user", "content": row["prompt"]}])
-        answer = lm.tokenizer.encode(row["completion"], add_special_tokens=False) + [end]
-        ids = torch.tensor([prompt + answer[:-1]])  # (1, T)
-        logits = lm.model(input_ids=ids, logits_to_keep=len(answer), use_cache=False).logits[0]  # (n, V)
-        right += logits.argmax(-1).tolist() == answer
+    for i in range(0, len(pairs), batch):
+        chunk = pairs[i : i + batch]
+        seqs = [p + a[:-1] for p, a in chunk]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [end] * (width - len(s)) for s in seqs])  # (B, T), right-padded
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])  # (B, T)
+        guess = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.argmax(-1)  # (B, T)
+        for b, (p, a) in enumerate(chunk):
+            # the logits at position t predict token t+1: the answer is predicted from len(p)-1 on
+            right += guess[b, len(p) - 1 : len(p) - 1 + len(a)].tolist() == a
     return right / len(rows)
 
 
