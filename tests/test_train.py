@@ -151,3 +151,10 @@ def test_lr_schedule_warms_up_then_decays_to_min_lr(tmp_path):
     c = config(tmp_path, max_steps=100, warmup_steps=10, lr=1e-3, min_lr=1e-4)
     assert c.lr_at(0) == pytest.approx(1e-4) and c.lr_at(9) == pytest.approx(1e-3)
     assert c.lr_at(55) == pytest.approx(5.5e-4) and c.lr_at(100) == pytest.approx(1e-4)
+
+
+def test_time_schedule_anneals_over_max_seconds(tmp_path):
+    c = config(tmp_path, max_steps=1000, warmup_steps=10, lr=1e-3, min_lr=1e-4, max_seconds=60, schedule="time")
+    assert c.lr_at(500, seconds=30) == pytest.approx(5.5e-4) and c.lr_at(20, seconds=60) == pytest.approx(1e-4)
+    with pytest.raises(NexttokError, match="train.schedule must be"):
+        config(tmp_path, schedule="time")  # no max_seconds to anneal over

@@ -25,6 +25,7 @@ class TrainProgress:
             TimeRemainingColumn(),
             console=console or Console(stderr=True),
             transient=False,
+            refresh_per_second=2,  # rendering competes with training for the same cores
         )
         self.task = self.progress.add_task("train", total=total, completed=start, loss="-", rate="-")
 

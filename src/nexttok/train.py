@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+SCHEDULES = '"steps", or "time" with max_seconds set'
+
+
 @dataclass
 class TrainConfig:
     """Everything the loop needs besides the model and the batches. Checked on construction."""
@@ -51,6 +54,9 @@ class TrainConfig:
     bf16: bool = False
     compile: bool = False
     max_seconds: float | None = None  # stop cleanly (and checkpoint) after this much training time
+    # "steps": the cosine decays over max_steps (exactly reproducible); "time": over max_seconds of
+    # training, so a run that must end on time still anneals fully (the LR then depends on speed).
+    schedule: str = "steps"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
@@ -71,6 +77,7 @@ class TrainConfig:
             ("sample_every", self.sample_every >= 0, ">= 0 (0 turns samples off)"),
             ("sample_tokens", self.sample_tokens >= 1, ">= 1"),
             ("max_seconds", self.max_seconds is None or self.max_seconds > 0, "> 0, or null for no limit"),
+            ("schedule", self.schedule == "steps" or (self.schedule == "time" and self.max_seconds), SCHEDULES),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -78,12 +85,15 @@ class TrainConfig:
                     f"train.{name} must be {allowed} (got {getattr(self, name)!r})", param=f"train.{name}"
                 )
 
-    def lr_at(self, step: int) -> float:
-        """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    def lr_at(self, step: int, seconds: float = 0.0) -> float:
+        """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``max_steps`` (or, with
+        ``schedule: time``, at ``max_seconds`` of training)."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
-        span = max(1, self.max_steps - self.warmup_steps)
-        progress = min(1.0, (step - self.warmup_steps) / span)
+        if self.schedule == "time":
+            progress = min(1.0, seconds / self.max_seconds)
+        else:
+            progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
         return self.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (self.lr - self.min_lr)
 
 
@@ -200,7 +210,7 @@ class _Run:
         total = distributed.all_sum([float(local)])[0]
         if total == 0:
             raise NexttokError(f"every label in the batches of step {self.step} is -100: nothing to train on")
-        lr = self.config.lr_at(self.step)
+        lr = self.config.lr_at(self.step, self.train_seconds)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         loss_sum = 0.0
@@ -363,7 +373,7 @@ def _periodic(run: _Run, bar) -> None:
             {
                 "step": step,
                 "loss": run.last_loss,
-                "lr": c.lr_at(step - 1),
+                "lr": run.optimizer.param_groups[0]["lr"],
                 "tokens": run.tokens_seen,
                 "train_seconds": round(run.train_seconds, 3),
                 "cpu_seconds": round(run.cpu_seconds, 3),

@@ -24,7 +24,7 @@ def tokenizer_train(
 ) -> None:
     """Train a byte-level BPE (special tokens for BOS/EOS, padding and the ChatML markers) and save it."""
     from nexttok.data.sources import load_corpus
-    from nexttok.tokenizer_train import MIN_VOCAB, train_bpe
+    from nexttok.tokenizer_train import MIN_VOCAB, SPECIALS, train_bpe
 
     if vocab_size < MIN_VOCAB:  # fail before reading the corpus
         train_bpe([], vocab_size)
@@ -34,7 +34,7 @@ def tokenizer_train(
     sample = corpus.documents[0][:2000]
     n = len(tok.encode(sample, add_special_tokens=False))
     console.print(
-        f"wrote {out}: {len(tok):,} tokens (specials: {', '.join(tok.all_special_tokens)}); "
+        f"wrote {out}: {len(tok):,} tokens (special: {' '.join(SPECIALS)}); "
         f"{len(sample) / max(1, n):.2f} characters per token on the first document"
     )
 
