@@ -37,8 +37,8 @@ def _weights_version(model: nn.Module) -> tuple[int, ...]:
 
 def decode_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for decoding: the same modules and the same (shared) parameters, except that
-    each bias-free ``nn.Linear`` reads a transposed copy of its weight. Built once and cached on the
-    model; rebuilt when the model's weights change."""
+    each bias-free ``nn.Linear`` that does not narrow its input reads a transposed copy of its weight.
+    Built once and cached on the model; rebuilt when the model's weights change."""
     version = _weights_version(model)
     cached = getattr(model, "_nexttok_decode", None)
     if cached is not None and cached[0] == version:
@@ -48,7 +48,9 @@ def decode_model(model: nn.Module) -> nn.Module:
     fast = copy.deepcopy(model, memo=shared)  # new module objects, the very same tensors
     for parent in list(fast.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.bias is None:
+            # Measured (bench/gemv shapes in docs/generate.md): (in, out) streams faster when the layer
+            # widens or keeps its width (q, o, gate, up, lm_head); narrowing layers (k, v, down) stay as they are.
+            if isinstance(child, nn.Linear) and child.bias is None and child.out_features >= child.in_features:
                 setattr(parent, name, _InputMajorLinear(child))
     object.__setattr__(model, "_nexttok_decode", (version, fast))  # not a submodule: no state_dict entry
     return fast
