@@ -114,23 +114,27 @@ class Renderer:
         """Render every record; drop (or cut) the too long, drop those with no trained token."""
         out = Rendered([])
         for record in records:
-            ex = self.render(record)
-            if self.max_length is not None and len(ex) > self.max_length:
-                if not self.truncate:
-                    out.dropped[f"longer than {self.max_length} tokens"] += 1
-                    continue
-                ex = cut(ex, self.max_length)
-                out.truncated += 1
-            if ex.n_trained == 0:
+            full = self.render(record)
+            ex = self._sized(full)
+            if ex is None:
+                out.dropped[f"longer than {self.max_length} tokens"] += 1
+            elif ex.n_trained == 0:
                 out.dropped["no trained tokens"] += 1
-                continue
-            out.examples.append(ex)
+            else:
+                out.truncated += ex is not full
+                out.examples.append(ex)
         if not out.examples:
             raise NexttokError(
                 f"every record was dropped ({out.summary()}); check --train-on, --max-length or use --truncate",
                 param="data",
             )
         return out
+
+    def _sized(self, ex: Example) -> Example | None:
+        """``ex`` if it fits in ``max_length``; cut to fit when ``truncate``; else None."""
+        if self.max_length is None or len(ex) <= self.max_length:
+            return ex
+        return cut(ex, self.max_length) if self.truncate else None
 
     def _chat_spans(self, record: Record) -> tuple[str, list[tuple[int, int]]]:
         messages = list(record.messages)
