@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -21,7 +22,7 @@ from nexttok.generate import Step, generate
 from nexttok.processors import StageRecord
 from nexttok.sampling import SamplingConfig
 
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 STAGES_HELP = (
     "Stages run in this fixed order: repetition/presence/frequency penalties, logit bias, temperature, "
     "top-k, top-p, min-p, typical-p. Defaults sample from the model's own distribution (every filter off)."
@@ -269,7 +270,7 @@ def chat(
     lm.encode_chat([{"role": "user", "content": "hi"}])  # no chat template: fail now, not after the first line
     base = [{"role": "system", "content": system}] if system else []
     messages: list[dict] = list(base)
-    err.print(f"[dim]chatting with {lm.source.location} · {CHAT_HELP}[/dim]")
+    err.print(f"[dim]chatting with {Path(lm.source.location).name} · {CHAT_HELP}[/dim]")
     for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: console.input("[bold]> [/bold]"), None):
         line = line.strip()
         if line.startswith("/"):
