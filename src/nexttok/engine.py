@@ -32,7 +32,10 @@ class _InputMajorLinear(nn.Module):
 
 def _weights_version(model: nn.Module) -> tuple[int, ...]:
     # In-place updates (optimizer steps, load_state_dict) bump a tensor's version: the copy is then stale.
-    return tuple(p._version for p in model.parameters()) + tuple(id(p) for p in model.parameters())
+    # Tensors made under inference_mode have no version counter: -1 (they cannot be updated in place later).
+    return tuple(p._version if not p.is_inference() else -1 for p in model.parameters()) + tuple(
+        id(p) for p in model.parameters()
+    )
 
 
 def decode_model(model: nn.Module) -> nn.Module:
