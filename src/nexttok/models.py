@@ -10,10 +10,12 @@ import json
 import os
 import re
 import shutil
+import socket
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import torch
 
@@ -123,18 +125,43 @@ def _load_adapter(folder: str, dtype: str):
 
 
 def _load_hub(repo_id: str, dt: torch.dtype):
+    try:  # a model the user already downloaded loads without the network
+        return _from_hub(repo_id, dt, local_only=True)
+    except OSError:
+        pass
+    offline_error = NexttokError(
+        f"'{repo_id}' is not a local path, and could not be fetched from the Hugging Face hub "
+        "(offline, or no such model); connect and retry, or use --model default, a local model folder, or a .gguf file"
+    )
+    if not _hub_reachable():
+        raise offline_error  # at once, instead of a minute of retries
+    try:
+        return _from_hub(repo_id, dt, local_only=False)
+    except OSError as e:
+        raise offline_error from e
+
+
+def _from_hub(repo_id: str, dt: torch.dtype, local_only: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # adapter_kwargs too: transformers looks for a peft adapter config without local_files_only otherwise.
+    model = AutoModelForCausalLM.from_pretrained(
+        repo_id, dtype=dt, local_files_only=local_only, adapter_kwargs={"local_files_only": local_only}
+    )
+    return model, AutoTokenizer.from_pretrained(repo_id, local_files_only=local_only)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
     try:
-        tok = AutoTokenizer.from_pretrained(repo_id)
-        model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=dt)
-    except OSError as e:
-        raise NexttokError(
-            f"'{repo_id}' is not a local path, and could not be fetched from the Hugging Face hub "
-            "(offline, or no such model); "
-            "connect and retry, or use --model default, a local model folder, or a .gguf file"
-        ) from e
-    return model, tok
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 # --- the packaged default: GGUF converted once to a safetensors folder -------------------------
