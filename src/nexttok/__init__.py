@@ -18,9 +18,11 @@ from nexttok.processors import (
     build_processors,
 )
 from nexttok.sampling import SamplingConfig
+from nexttok.train import BatchSource, FitResult, TrainConfig, fit
 
 __all__ = ["LM", "Distribution", "NexttokError", "Row", "TokenProb", "load"]
 __all__ += ["SamplingConfig", "Step", "build_processors", "generate"]
 __all__ += ["FrequencyPenalty", "LogitBias", "MinP", "PresencePenalty", "RepetitionPenalty", "Temperature", "TopK"]
 __all__ += ["TopP", "Typical"]
+__all__ += ["BatchSource", "FitResult", "TrainConfig", "fit"]
 __version__ = "0.1.0"
