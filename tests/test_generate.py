@@ -47,7 +47,7 @@ def test_decode_copy_shares_weights_and_follows_updates(tiny_model_dir):
 
 def test_cached_logits_equal_recomputed_logits(tiny_lm):
     ids = tiny_lm.encode(PROMPT)
-    decoder = Decoder(tiny_lm, len(ids) + 12)
+    decoder = Decoder(tiny_lm)
     logits = decoder.prefill(ids)[0]
     seq = list(ids)
     for _ in range(12):

@@ -229,7 +229,7 @@ def _loop(lm: LM, ids: list[int], config: SamplingConfig, stages: list, rows: li
     n = len(rows)
     generators = None if config.greedy else make_generators([r.seed for r in rows])
     eos = set() if config.ignore_eos else eos_ids(lm)
-    decoder = Decoder(lm, len(ids) + config.max_new_tokens)
+    decoder = Decoder(lm)
     context = torch.tensor([ids]).expand(n, -1)  # (B, T): what the penalties look at
     logits = decoder.prefill(ids, n)  # (B, V)
     for index in range(config.max_new_tokens):
