@@ -51,8 +51,9 @@ def test_trace_table_and_json(tiny_model_dir, tiny_lm, tmp_path):
 
 
 def test_num_samples_side_by_side(tiny_model_dir):
-    r = run("generate", PROMPT, "--model", tiny_model_dir, "-n", 8, "-N", 3, "--seed", 5, "--ignore-eos")
+    r = run("generate", PROMPT, "--model", tiny_model_dir, "-n", 8, "-N", 3, "--seed", 5, "--ignore-eos", "--trace")
     assert r.exit_code == 0, r.output
+    assert "sample 3: the loop, one token per step" in r.stdout
     assert "3 samples of one prompt" in r.stdout and "distinct completions out of 3" in r.stdout
     for seed in (5, 6, 7):
         assert re.search(rf"│\s+{seed}\s+│", r.stdout), f"seed {seed} missing"

@@ -85,9 +85,9 @@ def step_json(lm, step: Step) -> dict:
     return d
 
 
-def _trace_table(lm, prompt_ids: list[int], steps: list[Step]) -> Table:
+def _trace_table(lm, prompt_ids: list[int], steps: list[Step], title: str = "") -> Table:
     """The seed's step table: the context so far (its tail), the predicted token, its probability, the top 3."""
-    table = Table(title="the loop, one token per step")
+    table = Table(title=f"{title}the loop, one token per step")
     for col, just in [("step", "right"), ("context so far (tail)", "right"), ("token", "left")]:
         table.add_column(col, justify=just, overflow="fold")
     for col in ("p", "top 3 alternatives"):
@@ -179,6 +179,8 @@ def generate_cmd(
     if num_samples > 1:
         steps = list(generate(lm, ids, config, num_samples=num_samples, trace=stages))
         _write_json(lm, steps, trace_json)
+        for i in range(num_samples) if trace else ():
+            console.print(_trace_table(lm, ids, [s for s in steps if s.sample == i], f"sample {i + 1}: "))
         _samples_table(lm, steps, num_samples)
     else:
         steps = _stream(lm, ids, config, trace_json, stages)
