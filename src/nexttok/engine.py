@@ -20,16 +20,20 @@ if TYPE_CHECKING:
 
 
 class _InputMajorLinear(nn.Module):
-    """A bias-free linear layer that keeps its weight as (in, out). At one or a few rows per call the
-    product is a matrix-vector product bound by memory reads, and MKL streams an (in, out) matrix
-    markedly faster on this CPU than nn.Linear's (out, in) weight (see docs/generate.md)."""
+    """A bias-free linear layer that also keeps its weight as (in, out). For a single row the product is a
+    matrix-vector product bound by memory reads, and MKL streams an (in, out) matrix markedly faster on
+    this CPU than nn.Linear's (out, in) weight; for several rows (prefill, N samples) the original
+    layout is as fast or faster, so those calls go to the original layer (see docs/generate.md)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
+        self.linear = linear
         self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)  # (in, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.matmul(x, self.weight_t)  # (..., in) @ (in, out)
+        if x.numel() == x.shape[-1]:  # one row: (1, 1, in) @ (in, out)
+            return torch.matmul(x, self.weight_t)
+        return self.linear(x)
 
 
 def _weights_version(model: nn.Module) -> tuple[int, ...]:
