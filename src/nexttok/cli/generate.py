@@ -18,7 +18,7 @@ from nexttok.cli import app
 from nexttok.cli.common import DtypeOpt, ModelOpt, ThreadsOpt, console, load_lm, read_prompt
 from nexttok.distribution import show_token
 from nexttok.errors import NexttokError
-from nexttok.generate import Step, generate
+from nexttok.generate import Step, generate, stage_records
 from nexttok.processors import StageRecord
 from nexttok.sampling import SamplingConfig
 
@@ -56,6 +56,31 @@ def parse_bias(items: list[str] | None) -> dict[str | int, float]:
             raise NexttokError(f"--logit-bias wants TOKEN=BIAS, e.g. ' Paris=-5' (got {item!r})", param="logit_bias")
         out[int(token) if token.isdigit() else token] = bias
     return out
+
+
+def stage_config(
+    temperature: float, top_k: int, top_p: float, min_p: float, typical_p: float, repetition_penalty: float,
+    presence_penalty: float, frequency_penalty: float, logit_bias: list[str] | None,
+) -> SamplingConfig:  # fmt: skip
+    """The sampling options of ``predict --stages`` as a validated config (before any model loads)."""
+    return SamplingConfig(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty, logit_bias=parse_bias(logit_bias),
+    )  # fmt: skip
+
+
+def show_stages(lm, text: str, chat: bool, config: SamplingConfig, as_json: bool = False) -> None:
+    """``predict --stages``: what each stage does to the next-token distribution after ``text``."""
+    records = stage_records(lm, text, config, chat=chat)
+    if as_json:
+        rows = [
+            {**asdict(r), "top": [{"id": i, "text": lm.token_text(i), "prob": p} for i, p in r.top]} for r in records
+        ]
+        typer.echo(json.dumps({"stages": rows}, ensure_ascii=False, indent=2))
+        return
+    console.print(f"next token after: {text[-60:]!r}")
+    print_stages(lm, records)
 
 
 def print_stages(lm, records: list[StageRecord], top: int = 5) -> None:
