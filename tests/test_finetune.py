@@ -134,3 +134,14 @@ def test_mask_preview_warns_on_zero_trained(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "longer than --max-length 10" in result.output
+
+
+def test_resume_continues_the_same_run(tiny_model_dir, data_file, tmp_path):
+    """finetune --resume goes through fit()'s exact resume: 2 + 2 steps end where 4 straight steps do."""
+    data = DataOptions(data_file, eval_fraction=0)
+    quiet = {"notify": lambda s: None, "lr": 3e-3}
+    straight = finetune(str(tiny_model_dir), data, str(tmp_path / "a"), steps=4, **quiet)
+    finetune(str(tiny_model_dir), data, str(tmp_path / "b"), steps=4, max_seconds=1e-9, **quiet)  # stops after 1
+    resumed = finetune(str(tiny_model_dir), data, str(tmp_path / "b"), steps=4, resume=True, **quiet)
+    assert resumed.fit.step == 4
+    assert resumed.fit.train_loss == pytest.approx(straight.fit.train_loss, rel=1e-5)

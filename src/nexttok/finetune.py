@@ -236,7 +236,7 @@ def finetune(
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
     notes = [*prepared.notes, f"{max_steps:,} steps · {trainable:,} of {total:,} parameters trained"]
-    for line in notes:
+    for line in notes if distributed.rank() == 0 else []:  # under torchrun, say it once
         notify(line)
     result = run_fit(net, tokenizer, prepared, config, resume)
     merged = merge(net, tokenizer, Path(out_dir) / MERGED) if merge_lora and distributed.rank() == 0 else None

@@ -87,11 +87,16 @@ def finetune(
     result = run_finetune(
         model, data_opts, out, lora_opts, merge, epochs, steps, resume, dtype, threads, console.print, **train
     )
+    from nexttok import distributed
+
+    if distributed.rank() != 0:
+        return distributed.cleanup()
     ev = result.fit.eval
     held = f" · held-out loss {ev['loss']:.4f}" if ev.get("loss") is not None else ""
     console.print(f"done: {result.fit.step} steps · train loss {result.fit.train_loss:.4f}{held} · saved to {out}")
     if result.merged:
         console.print(f"merged model: {result.merged}")
+    distributed.cleanup()
 
 
 @app.command("mask-preview")
