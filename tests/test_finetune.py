@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,3 +146,14 @@ def test_resume_continues_the_same_run(tiny_model_dir, data_file, tmp_path):
     resumed = finetune(str(tiny_model_dir), data, str(tmp_path / "b"), steps=4, resume=True, **quiet)
     assert resumed.fit.step == 4
     assert resumed.fit.train_loss == pytest.approx(straight.fit.train_loss, rel=1e-5)
+
+
+def test_records_longer_than_the_context_are_dropped_and_counted(tiny_model_dir, data_file, tmp_path):
+    rows = [json.loads(line) for line in Path(data_file).read_text().splitlines()][:8]
+    rows.append({"prompt": "to be or not " * 100, "completion": "Hamlet"})  # > the tiny model's 256 positions
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    notes: list[str] = []
+    finetune(str(tiny_model_dir), DataOptions(str(path), eval_fraction=0), str(tmp_path / "o"), steps=1,
+             notify=notes.append)  # fmt: skip
+    assert any("1 dropped: longer than 256 tokens" in n for n in notes), notes

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -225,6 +225,9 @@ def finetune(
     hf_logging.set_verbosity_error()
     base, tokenizer, _ = load_model_and_tokenizer(model, dtype=dtype, threads=threads)
     prepare_tokenizer(base, tokenizer)
+    context = getattr(base.config, "max_position_embeddings", None)
+    if context and data.max_length > context:  # a record may not be longer than the model's context
+        data = replace(data, max_length=context)
     prepared = prepare_data(tokenizer, data)
     if data.layout == "pack":
         use_block_mask_attention(base)
