@@ -158,3 +158,13 @@ def test_time_schedule_anneals_over_max_seconds(tmp_path):
     assert c.lr_at(500, seconds=30) == pytest.approx(5.5e-4) and c.lr_at(20, seconds=60) == pytest.approx(1e-4)
     with pytest.raises(NexttokError, match="train.schedule must be"):
         config(tmp_path, schedule="time")  # no max_seconds to anneal over
+
+
+def test_param_groups_decay_only_matrices_and_scale_the_embedding_lr(tok):
+    from nexttok.train import param_groups
+
+    model = tiny_model(tok)
+    decay, no_decay, embed = param_groups(model, 0.1, embedding_lr_scale=5.0)
+    assert {id(p) for p in embed["params"]} == {id(model.model.embed_tokens.weight)} and embed["lr_scale"] == 5.0
+    assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == embed["weight_decay"] == 0.0

@@ -57,6 +57,7 @@ class TrainConfig:
     # "steps": the cosine decays over max_steps (exactly reproducible); "time": over max_seconds of
     # training, so a run that must end on time still anneals fully (the LR then depends on speed).
     schedule: str = "steps"
+    embedding_lr_scale: float = 1.0  # the embeddings' learning rate is lr x this
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
@@ -70,6 +71,7 @@ class TrainConfig:
             ("weight_decay", 0 <= self.weight_decay < 1, "in [0, 1)"),
             ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
             ("grad_clip", self.grad_clip >= 0, ">= 0 (0 turns clipping off)"),
+            ("embedding_lr_scale", 0 < self.embedding_lr_scale <= 1000, "in (0, 1000]"),
             ("eval_every", self.eval_every >= 0, ">= 0 (0 turns evaluation off)"),
             ("eval_batches", self.eval_batches >= 1, ">= 1"),
             ("save_every", self.save_every >= 0, ">= 0 (0 saves only at the end)"),
@@ -135,19 +137,25 @@ def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay only matrices: norms, biases and embeddings (incl. a tied output layer) are not decayed."""
+def param_groups(model: torch.nn.Module, weight_decay: float, embedding_lr_scale: float = 1.0) -> list[dict]:
+    """Decay only matrices: norms, biases and embeddings (incl. a tied output layer) are not decayed.
+    Embeddings get their own group: each row is updated only when its token occurs, so a larger
+    learning rate (``embedding_lr_scale``) can pay off early in training."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
+    decay, no_decay, embed = [], [], []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (embed if id(p) in embeddings else no_decay if p.ndim < 2 else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+        {"params": embed, "weight_decay": 0.0, "lr_scale": embedding_lr_scale},
+    ]
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, config.weight_decay)
-    if not any(g["params"] for g in groups):
+    groups = [g for g in param_groups(model, config.weight_decay, config.embedding_lr_scale) if g["params"]]
+    if not groups:
         raise NexttokError("the model has no trainable parameters; unfreeze some (or check the LoRA targets)")
     # The fused kernel is faster where it exists (torch>=2.4 on CPU); foreach is the portable fallback.
     try:
@@ -212,7 +220,7 @@ class _Run:
             raise NexttokError(f"every label in the batches of step {self.step} is -100: nothing to train on")
         lr = self.config.lr_at(self.step, self.train_seconds)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         loss_sum = 0.0
         for i, batch in enumerate(batches):
             sync = i == len(batches) - 1
