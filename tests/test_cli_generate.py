@@ -105,3 +105,32 @@ def test_bad_input_is_one_line_exit_2(tiny_model_dir, args, message):
     assert r.exit_code == 2, r.output
     assert r.stderr.startswith("error: ") and message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+
+
+STAGE_ARGS = ["--stages", "--temperature", 0.7, "--top-k", 50, "--top-p", 0.9, "--min-p", 0.05]
+
+
+def test_predict_stages_table_matches_the_library(tiny_model_dir, tiny_lm):
+    from nexttok.generate import stage_records
+
+    r = run("predict", PROMPT, "--model", tiny_model_dir, *STAGE_ARGS)
+    assert r.exit_code == 0, r.output
+    records = stage_records(tiny_lm, PROMPT, SamplingConfig(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05))
+    assert [x.name for x in records] == ["model", "temperature", "top_k", "top_p", "min_p"]
+    for rec in records:
+        assert re.search(rf"{rec.name}\s+│\s+{rec.survivors:,}\s+│", r.stdout), rec.name
+    assert f"{records[3].mass_removed:.1%}" in r.stdout
+
+
+def test_predict_stages_json(tiny_model_dir, tiny_lm):
+    r = run("predict", PROMPT, "--model", tiny_model_dir, *STAGE_ARGS, "--json")
+    assert r.exit_code == 0, r.output
+    stages = json.loads(r.stdout)["stages"]
+    assert [s["name"] for s in stages] == ["model", "temperature", "top_k", "top_p", "min_p"]
+    assert stages[2]["survivors"] == 50 and stages[0]["survivors"] == tiny_lm.vocab_size
+    assert stages[-1]["top"][0]["text"] == tiny_lm.token_text(stages[-1]["top"][0]["id"])
+
+
+def test_predict_stages_bad_input(tiny_model_dir):
+    r = run("predict", PROMPT, "--model", tiny_model_dir, "--stages", "--top-p", 2)
+    assert r.exit_code == 2 and r.stderr.startswith("error: top_p must be in (0, 1]")

@@ -10,6 +10,18 @@ from rich.table import Table
 
 from nexttok.cli import app
 from nexttok.cli.common import DtypeOpt, ModelOpt, ThreadsOpt, console, load_lm, read_prompt
+from nexttok.cli.generate import (
+    BiasOpt,
+    FreqOpt,
+    MinPOpt,
+    PresenceOpt,
+    RepOpt,
+    TopKOpt,
+    TopPOpt,
+    TypicalOpt,
+    show_stages,
+    stage_config,
+)
 from nexttok.distribution import Distribution, show_token
 from nexttok.errors import NexttokError
 from nexttok.report import predict_report
@@ -53,6 +65,17 @@ def predict(
     chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message (chat template).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (schema: docs/predict.md).")] = False,
     plot: Annotated[str | None, typer.Option("--plot", help="Write a bar chart PNG of the candidates.")] = None,
+    stages: Annotated[
+        bool, typer.Option("--stages", help="Show what each sampling stage keeps (with -T and the options below).")
+    ] = False,
+    top_k: TopKOpt = 0,
+    top_p: TopPOpt = 1.0,
+    min_p: MinPOpt = 0.0,
+    typical_p: TypicalOpt = 1.0,
+    repetition_penalty: RepOpt = 1.0,
+    presence_penalty: PresenceOpt = 0.0,
+    frequency_penalty: FreqOpt = 0.0,
+    logit_bias: BiasOpt = None,
     model: ModelOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
@@ -61,8 +84,12 @@ def predict(
     temps = _temperatures(temperature, temperatures)
     if top < 1:
         raise NexttokError(f"--top must be at least 1 (got {top})", param="top")
+    sampling = (top_k, top_p, min_p, typical_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias)
+    config = stage_config(temperature, *sampling) if stages else None
     text = read_prompt(prompt)
     lm = load_lm(model, dtype, threads)
+    if config is not None:  # the sampling stages, in their fixed order (nexttok.processors)
+        return show_stages(lm, text, chat, config, as_json)
     base = lm.distribution(text, chat=chat)
     dists = [base.with_temperature(t) for t in temps]
     queries: list[str | int] = [*(token or []), *(token_id or [])]
