@@ -35,10 +35,10 @@ app = typer.Typer(
 )
 
 # Verb modules register their commands on `app` when imported.
-from nexttok.cli import predict as _predict  # noqa: E402,F401
-from nexttok.cli import train as _train  # noqa: E402,F401
 from nexttok.cli import finetune as _finetune  # noqa: E402,F401
 from nexttok.cli import generate as _generate  # noqa: E402,F401
+from nexttok.cli import predict as _predict  # noqa: E402,F401
+from nexttok.cli import train as _train  # noqa: E402,F401
 
 
 def main() -> None:
