@@ -98,7 +98,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(recipe, tmp_path)
     """torchrun, 2 CPU processes (gloo): rank r takes micro-batch 2*step + r, exactly the batches a single
     process takes with grad_accum=2, and the loss is the mean over all their tokens: same training."""
     env = {**os.environ, "NEXTTOK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
     cmd = [*torchrun, "-m", "nexttok", "pretrain", "-c", str(recipe), f"train.out_dir={tmp_path / 'ddp'}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -112,3 +112,13 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(recipe, tmp_path)
     one = json.loads((tmp_path / "one/checkpoint/trainer_state.json").read_text())
     assert ddp["world"] == 2 and ddp["step"] == one["step"] == 8
     assert ddp["last_loss"] == pytest.approx(one["last_loss"], abs=1e-4)
+
+
+def test_pretrain_with_a_given_tokenizer_folder(recipe, tmp_path):
+    from conftest import make_tiny_tokenizer
+
+    make_tiny_tokenizer(tmp_path / "tok")  # 384 tokens, not the recipe's 300
+    args = ["pretrain", "-c", str(recipe), "--tokenizer", str(tmp_path / "tok"), "train.max_steps=2"]
+    res = CliRunner().invoke(app, [*args, "train.warmup_steps=1", "final_eval=false"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run/config.json").read_text())["vocab_size"] == 384

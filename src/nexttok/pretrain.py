@@ -114,7 +114,7 @@ def _describe(say, corpus, data, tok, stats: ModelStats, seconds: float) -> None
         f"corpus: {len(corpus.files)} file(s), {corpus.chars:,} characters; train {m['train_chars']:,} chars "
         f"= {m['train_tokens']:,} tokens ({m['train_chars'] / max(1, m['train_tokens']):.2f} chars/token), "
         f"held-out {m['heldout_chars']:,} chars = {m['heldout_tokens']:,} tokens"
-        + (" [token cache]" if data.cached else "")
+        + (" (token cache)" if data.cached else "")
     )
     say(
         f"model: Llama, {stats.parameters:,} parameters ({stats.non_embedding:,} non-embedding), vocabulary "

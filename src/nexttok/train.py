@@ -354,7 +354,9 @@ def fit(
     from nexttok.progress import TrainProgress
 
     stopped = False
-    with TrainProgress(config.max_steps, run.step, enabled=run.main) as bar:
+    timed = config.schedule == "time"
+    total, start = (config.max_seconds, run.train_seconds) if timed else (config.max_steps, run.step)
+    with TrainProgress(total, start, enabled=run.main, timed=timed) as bar:
         while run.step < config.max_steps:
             t0, c0 = time.perf_counter(), time.process_time()
             tokens_before = run.tokens_seen
@@ -362,7 +364,8 @@ def fit(
             run.step += 1
             run.train_seconds += time.perf_counter() - t0
             run.cpu_seconds += time.process_time() - c0
-            bar.update(run.step, run.last_loss, (run.tokens_seen - tokens_before) / max(1e-9, time.perf_counter() - t0))
+            rate = (run.tokens_seen - tokens_before) / max(1e-9, time.perf_counter() - t0)
+            bar.update(run.step, run.last_loss, rate, run.train_seconds)
             _periodic(run, bar)
             if config.max_seconds is not None and distributed.any_true(run.train_seconds >= config.max_seconds):
                 stopped = run.step < config.max_steps

@@ -49,6 +49,9 @@ def pretrain(
     ] = None,
     out: Annotated[str | None, typer.Option("--out", "-o", help="Output folder (train.out_dir).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the checkpoint in the output folder.")] = False,
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", help="'train' (BPE on the corpus), 'gpt2', or an HF tokenizer folder.")
+    ] = None,
     threads: ThreadsOpt = None,
 ) -> None:
     """Train a Llama-architecture model from scratch on raw text, with the one training loop.
@@ -60,6 +63,7 @@ def pretrain(
     items = list(overrides or [])
     items += [f"train.out_dir={out}"] if out else []
     items += [f"threads={threads}"] if threads else []
+    items += [f"tokenizer.source={tokenizer}"] if tokenizer else []
     recipe = load_recipe(config, items)
     say = console.print if distributed.rank() == 0 else (lambda *a, **k: None)
     result, final = pretrain.run(recipe, resume=resume, say=say)
