@@ -94,6 +94,10 @@ def test_resume_after_a_crash_gives_the_same_final_loss(tmp_path, tok, ids):
     resumed = fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path / "b"), resume=True)
     assert resumed.step == 12
     assert resumed.train_loss == pytest.approx(whole.train_loss, abs=1e-6)
+    # The log records of the lost steps 9-10 were dropped, so each step is logged once.
+    records = [json.loads(x) for x in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    logged = [r["step"] for r in records if "loss" in r]
+    assert logged == sorted(set(logged))
 
 
 def test_a_second_run_into_the_same_folder_needs_resume(tmp_path, tok, ids):
@@ -122,6 +126,9 @@ def test_max_seconds_stops_cleanly_with_a_checkpoint(tmp_path, tok, ids):
     res = fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path, max_steps=10_000, max_seconds=0.5))
     assert res.stopped_early and 0 < res.step < 10_000
     assert json.loads((tmp_path / "checkpoint/trainer_state.json").read_text())["step"] == res.step
+    # Resuming a run whose time is spent takes no further step (rerunning `make shakespeare` is idempotent).
+    again = fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path, max_steps=10_000, max_seconds=0.5), True)
+    assert again.step == res.step and again.stopped_early
 
 
 def test_grad_accum_matches_one_big_batch(tmp_path, tok, ids):

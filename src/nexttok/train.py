@@ -320,6 +320,15 @@ class _Run:
         self.cpu_seconds = state.get("cpu_seconds", 0.0)
         self.tokens_seen, self.last_loss = state["tokens_seen"], state["last_loss"]
         torch.set_rng_state(state["rng"][self.rank])
+        if self.main:
+            self._truncate_log(self.step)
+
+    def _truncate_log(self, step: int) -> None:
+        """Drop log records past the checkpoint (written before a crash): the resumed run redoes those steps."""
+        path = self.out / "metrics.jsonl"
+        if path.is_file():
+            keep = [x for x in path.read_text(encoding="utf-8").splitlines() if x and json.loads(x)["step"] <= step]
+            path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
 
 
 def fit(
@@ -351,15 +360,32 @@ def fit(
     run = _Run(model, tokenizer, train, eval, config)
     if resume:
         run.restore()
+    stopped = _loop(run)
+    if config.eval_every == 0 or run.step % config.eval_every != 0:
+        run.run_eval()
+    run.save()
+    _plot(run)
+    return FitResult(run.step, run.last_loss, run.last_eval, str(run.out), stopped)
+
+
+def _out_of_time(run: _Run) -> bool:
+    """Ranks must agree, so the check is an all-reduce (only when there is a time limit)."""
+    limit = run.config.max_seconds
+    return limit is not None and distributed.any_true(run.train_seconds >= limit)
+
+
+def _loop(run: _Run) -> bool:
+    """Optimizer steps until max_steps or max_seconds; True when time ran out first."""
     from nexttok.progress import TrainProgress
 
-    stopped = False
-    timed = config.schedule == "time"
-    total, start = (config.max_seconds, run.train_seconds) if timed else (config.max_steps, run.step)
+    c = run.config
+    timed = c.schedule == "time"
+    total, start = (c.max_seconds, run.train_seconds) if timed else (c.max_steps, run.step)
     with TrainProgress(total, start, enabled=run.main, timed=timed) as bar:
-        while run.step < config.max_steps:
-            t0, c0 = time.perf_counter(), time.process_time()
-            tokens_before = run.tokens_seen
+        while run.step < c.max_steps:
+            if _out_of_time(run):  # checked first: a resumed run that is out of time takes no step
+                return True
+            t0, c0, tokens_before = time.perf_counter(), time.process_time(), run.tokens_seen
             run.last_loss = run.train_step()
             run.step += 1
             run.train_seconds += time.perf_counter() - t0
@@ -367,14 +393,7 @@ def fit(
             rate = (run.tokens_seen - tokens_before) / max(1e-9, time.perf_counter() - t0)
             bar.update(run.step, run.last_loss, rate, run.train_seconds)
             _periodic(run, bar)
-            if config.max_seconds is not None and distributed.any_true(run.train_seconds >= config.max_seconds):
-                stopped = run.step < config.max_steps
-                break
-    if config.eval_every == 0 or run.step % config.eval_every != 0:
-        run.run_eval()
-    run.save()
-    _plot(run)
-    return FitResult(run.step, run.last_loss, run.last_eval, str(run.out), stopped)
+    return False
 
 
 def _periodic(run: _Run, bar) -> None:
