@@ -1,9 +1,10 @@
 """Benchmark: fine-tuning throughput, nexttok's fit() vs TRL's SFTTrainer, full and LoRA.
 
-Same model (the packaged default, fp32 on CPU), same records (chatterbot-corpus Q/A pairs rendered
+Same model (the packaged default, fp32 weights on CPU), same records (chatterbot-corpus Q/A pairs rendered
 once through the chat template; TRL gets the very same ``input_ids`` and ``labels``, so both train on
 the completion only), maximum length 128, batch size 8. TRL runs with its defaults otherwise
-(``use_cpu=True``; note its SFTConfig turns gradient checkpointing on by default).
+(``use_cpu=True``; its SFTConfig turns on bf16 autocast and gradient checkpointing by default).
+``--precision bf16`` (default) runs both sides under bf16 autocast, ``fp32`` neither.
 
 Ours runs twice: ``pack`` (8 rows of up to 128 tokens, several records per row, block-diagonal
 attention) and ``pad`` (8 records per batch, length-bucketed padding). Step time is the wall time
@@ -11,7 +12,7 @@ between consecutive steps (every overhead included), median over the steps after
 Reported: seconds per step, records per second, non-padding tokens per second (prompt + completion
 tokens processed), and the ratio ours / TRL (> 1 means we are faster). Interleaved repeats.
 
-    .venv/bin/python bench/finetune.py [--steps 3] [--repeats 3] [--threads 2]
+    .venv/bin/python bench/finetune.py [--steps 3] [--repeats 3] [--precision bf16|fp32] [--layouts pad,pack]
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class TimedSource:
         return iter(())
 
 
-def ours_run(examples, layout: str, lora: bool, steps: int, pad_id: int) -> dict:
+def ours_run(examples, layout: str, lora: bool, steps: int, pad_id: int, bf16: bool) -> dict:
     from nexttok.data.batches import FinetuneBatches
     from nexttok.finetune import LoraOptions, apply_lora, use_block_mask_attention
     from nexttok.train import TrainConfig, fit
@@ -96,7 +97,8 @@ def ours_run(examples, layout: str, lora: bool, steps: int, pad_id: int) -> dict
     out = tempfile.mkdtemp(prefix="bench-ft-")
     lr = 2e-4 if lora else 2e-5
     config = TrainConfig(out_dir=out, max_steps=steps + 2, batch_size=BATCH, lr=lr, min_lr=lr, warmup_steps=0,
-                         eval_every=0, eval_batches=1, save_every=0, log_every=1000, weight_decay=0.0)  # fmt: skip
+                         eval_every=0, eval_batches=1, save_every=0, log_every=1000, weight_decay=0.0,
+                         bf16=bf16)  # fmt: skip
     fit(net, tok, timed, None, config)
     shutil.rmtree(out, ignore_errors=True)
     # Steps are timed start to start (the last step has no end stamp), the first one dropped as warm-up.
@@ -113,7 +115,7 @@ def _real_counts(source, index: int) -> tuple[int, int]:
     return len(ids), sum(source.lengths[j] for j in ids)
 
 
-def trl_run(examples, lora: bool, steps: int) -> dict:
+def trl_run(examples, lora: bool, steps: int, bf16: bool) -> dict:
     import datasets
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -132,7 +134,8 @@ def trl_run(examples, lora: bool, steps: int) -> dict:
     out = tempfile.mkdtemp(prefix="bench-trl-")
     args = SFTConfig(output_dir=out, max_steps=steps + 2, per_device_train_batch_size=BATCH, max_length=MAX_LEN,
                      completion_only_loss=True, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1000,
-                     learning_rate=2e-4 if lora else 2e-5, disable_tqdm=True, dataloader_num_workers=0)  # fmt: skip
+                     learning_rate=2e-4 if lora else 2e-5, disable_tqdm=True, dataloader_num_workers=0,
+                     bf16=bf16)  # fmt: skip
     peft_config = None
     if lora:
         from peft import LoraConfig
@@ -170,6 +173,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                    help="bf16: autocast on both sides (TRL's default); fp32: autocast off on both")  # fmt: skip
+    ap.add_argument("--layouts", default="pad,pack", help="our batch layouts to measure")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -182,15 +188,16 @@ def main() -> None:
     examples = rendered.examples
     pad_id = tok.pad_token_id
     print(f"{len(examples)} chatterbot records, mean {statistics.mean(len(e) for e in examples):.1f} tokens; "
-          f"batch {BATCH}, max length {MAX_LEN}, {args.steps} timed steps x {args.repeats} repeats")  # fmt: skip
-    runs = {
-        ("full", "TRL"): lambda: trl_run(examples, False, args.steps),
-        ("full", "ours pack"): lambda: ours_run(examples, "pack", False, args.steps, pad_id),
-        ("full", "ours pad"): lambda: ours_run(examples, "pad", False, args.steps, pad_id),
-        ("LoRA r=8", "TRL"): lambda: trl_run(examples, True, args.steps),
-        ("LoRA r=8", "ours pack"): lambda: ours_run(examples, "pack", True, args.steps, pad_id),
-        ("LoRA r=8", "ours pad"): lambda: ours_run(examples, "pad", True, args.steps, pad_id),
-    }
+          f"batch {BATCH}, max length {MAX_LEN}, {args.precision}, "
+          f"{args.steps} timed steps x {args.repeats} repeats")  # fmt: skip
+    bf16 = args.precision == "bf16"
+    runs = {}
+    for mode, lora in [("full", False), ("LoRA r=8", True)]:
+        runs[(mode, "TRL")] = lambda lora=lora: trl_run(examples, lora, args.steps, bf16)
+        for layout in args.layouts.split(","):
+            runs[(mode, f"ours {layout}")] = lambda lora=lora, lay=layout: ours_run(
+                examples, lay, lora, args.steps, pad_id, bf16
+            )
     results: dict = {k: [] for k in runs}
     for r in range(args.repeats):
         for key, run in runs.items():

@@ -5,7 +5,7 @@
    the held-out lines, the others the training lines, so no held-out line shares a passage with a
    training line.
 2. Measure exact-match accuracy on the held-out set with the base model.
-3. Fine-tune with LoRA through ``nexttok finetune`` (the same fit() as pretraining).
+3. Fine-tune with LoRA through ``nexttok finetune`` (the same fit() as pretraining), bf16 autocast.
 4. Measure again, and ``nexttok compare`` base vs fine-tuned on one held-out prompt.
 
 Exact match is judged the way greedy decoding would answer: the reply is right when, token by token,
@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--train-per-play", type=int, default=150)
     ap.add_argument("--test-per-play", type=int, default=25)
     ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--max-seconds", type=float, default=420.0, help="cap on training time")
+    ap.add_argument("--max-seconds", type=float, default=360.0, help="cap on training time")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     start = time.perf_counter()
@@ -142,7 +142,7 @@ def main() -> None:
         "finetune", "--model", "default", "--data", str(data / "train.jsonl"), "--out", args.out,
         "--lora", "--lora-r", "8", "--lr", "1e-3", "--epochs", str(args.epochs), "--max-length", "256",
         "--batch-size", "4", "--eval-fraction", "0.02", "--max-seconds", str(args.max_seconds),
-        "--seed", str(args.seed),
+        "--seed", str(args.seed), "--bf16",
     )  # fmt: skip
     after = exact_match(nexttok.load(args.out), test)
     print(f"exact match on {len(test)} held-out lines: before {before:.1%} -> after {after:.1%}")
