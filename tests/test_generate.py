@@ -31,6 +31,17 @@ def test_greedy_equals_hf_generate(tiny_lm):
     assert ours == hf[0, len(ids) :].tolist()
 
 
+def test_greedy_with_repetition_penalty_equals_hf(tiny_lm):
+    """Penalties look at the whole context (prompt and generated), as HF's do."""
+    ids = tiny_lm.encode(PROMPT)
+    ours = ids_of(generate(tiny_lm, ids, greedy(30, repetition_penalty=1.5)))
+    hf = tiny_lm.model.generate(
+        torch.tensor([ids]), max_new_tokens=30, min_new_tokens=30, do_sample=False, repetition_penalty=1.5
+    )
+    assert ours == hf[0, len(ids) :].tolist()
+    assert ours != ids_of(generate(tiny_lm, ids, greedy(30)))  # the penalty changed something
+
+
 def test_decode_copy_shares_weights_and_follows_updates(tiny_model_dir):
     import nexttok
 
