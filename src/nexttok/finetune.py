@@ -197,6 +197,25 @@ def default_train_settings(steps: int, lora: bool, has_eval: bool) -> dict:
     }
 
 
+def load_base(model: str | None, dtype: str, threads: int | None, data: DataOptions):
+    """The base model and its tokenizer, ready for chat records; ``data`` with ``max_length`` capped
+    at the model's context (a record may not be longer than that)."""
+    from transformers.utils import logging as hf_logging
+
+    from nexttok.models import load_model_and_tokenizer
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    base, tokenizer, _ = load_model_and_tokenizer(model, dtype=dtype, threads=threads)
+    prepare_tokenizer(base, tokenizer)
+    context = getattr(base.config, "max_position_embeddings", None)
+    if context and data.max_length > context:
+        data = replace(data, max_length=context)
+    if data.layout == "pack":
+        use_block_mask_attention(base)
+    return base, tokenizer, data
+
+
 def finetune(
     model: str | None,
     data: DataOptions,
@@ -214,23 +233,12 @@ def finetune(
     """Fine-tune ``model`` on ``data`` with the same ``fit()`` as pretraining; ``train`` overrides any
     :class:`nexttok.train.TrainConfig` field (``batch_size``, ``lr``, ``max_seconds``, ...)."""
     from nexttok import distributed
-    from nexttok.models import load_model_and_tokenizer
     from nexttok.train import TrainConfig
 
     if merge_lora and lora is None:
         raise NexttokError("--merge folds LoRA adapters into the model; it needs --lora", param="merge")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    base, tokenizer, _ = load_model_and_tokenizer(model, dtype=dtype, threads=threads)
-    prepare_tokenizer(base, tokenizer)
-    context = getattr(base.config, "max_position_embeddings", None)
-    if context and data.max_length > context:  # a record may not be longer than the model's context
-        data = replace(data, max_length=context)
+    base, tokenizer, data = load_base(model, dtype, threads, data)
     prepared = prepare_data(tokenizer, data)
-    if data.layout == "pack":
-        use_block_mask_attention(base)
     net = apply_lora(base, lora) if lora else base
     batch_size, grad_accum = train.pop("batch_size", 8), train.get("grad_accum", 1)
     max_steps = steps or steps_for(prepared, epochs, batch_size, grad_accum, distributed.world())
