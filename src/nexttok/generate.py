@@ -221,10 +221,13 @@ def generate(
     stages = build_processors(config, resolve_bias(lm, config.logit_bias))
     seeds = _seeds(config, num_samples)
     rows = [_Row(_Text(lm, config.stop), seed) for seed in seeds]
-    yield from _loop(lm, ids, config, stages, rows, trace, alternatives)
+    # Not a generator itself: bad input raises here, at the call, before any model work.
+    return _loop(lm, ids, config, stages, rows, trace, min(alternatives, lm.vocab_size))
 
 
-def _loop(lm: LM, ids: list[int], config: SamplingConfig, stages: list, rows: list[_Row], trace: bool, top: int):
+def _loop(
+    lm: LM, ids: list[int], config: SamplingConfig, stages: list, rows: list[_Row], trace: bool, top: int
+) -> Iterator[Step]:
     """Prefill, then per position: stages -> sample -> Steps -> feed the chosen tokens back."""
     n = len(rows)
     generators = None if config.greedy else make_generators([r.seed for r in rows])
