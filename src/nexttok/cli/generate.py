@@ -298,7 +298,7 @@ def chat(
     base = [{"role": "system", "content": system}] if system else []
     messages: list[dict] = list(base)
     err.print(f"[dim]chatting with {Path(lm.source.location).name} · {CHAT_HELP}[/dim]")
-    for line in sys.stdin if not sys.stdin.isatty() else iter(lambda: console.input("[bold]> [/bold]"), None):
+    for line in _lines():
         line = line.strip()
         if line.startswith("/"):
             config = _command(line, config, messages)
@@ -308,6 +308,18 @@ def chat(
             continue
         if line:
             _turn(lm, messages, config, line)
+
+
+def _lines():
+    """User lines: piped stdin as it is, or a prompt at a terminal; end of input (Ctrl-D) ends the chat."""
+    if not sys.stdin.isatty():
+        yield from sys.stdin
+        return
+    while True:
+        try:
+            yield console.input("[bold]> [/bold]")
+        except EOFError:
+            return
 
 
 def _turn(lm, messages: list[dict], config: SamplingConfig, line: str) -> None:
