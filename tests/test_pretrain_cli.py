@@ -75,6 +75,9 @@ def test_resume_continues_from_the_checkpoint(recipe, tmp_path):
         ("model.heads=3", "model.heads must be a divisor of hidden=32"),
         ("optimizer.lr=1", "unknown field 'optimizer'"),
         ("tokenizer.vocab_size=10", "tokenizer.vocab_size must be >= 261"),
+        ("train.max_steps=null", "train.max_steps cannot be null"),
+        ("train.max_steps=many", r"train.max_steps must be a number \(got 'many'\)"),
+        ("model.tie_embeddings=maybe", "model.tie_embeddings must be true or false"),
     ],
 )
 def test_bad_fields_name_the_field_and_the_allowed_range(recipe, override, message):
@@ -122,3 +125,8 @@ def test_pretrain_with_a_given_tokenizer_folder(recipe, tmp_path):
     res = CliRunner().invoke(app, [*args, "train.warmup_steps=1", "final_eval=false"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "run/config.json").read_text())["vocab_size"] == 384
+
+
+def test_a_recipe_without_the_training_fields_names_them():
+    with pytest.raises(NexttokError, match=r"the recipe lacks train.out_dir, train.max_steps, .*train.FIELD=VALUE"):
+        load_recipe(None)

@@ -153,19 +153,27 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
 
 
-def _coerce(cls: type, name: str, value: Any) -> Any:
-    """YAML reads ``3e-3`` as a string and ``1`` as an int: convert to the field's declared type."""
+def _coerce(section: str, cls: type, name: str, value: Any) -> Any:
+    """YAML reads ``3e-3`` as a string and ``1`` as an int: convert to the field's declared type, and
+    refuse a value of the wrong kind (``null`` for a number, text for a flag) with the field's name."""
     hint = typing.get_type_hints(cls)[name]
     args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) else (hint,)
-    if value is None or isinstance(value, bool):
+    field_name = f"{section}.{name}"
+    if value is None:
+        if type(None) in args:
+            return None
+        raise NexttokError(f"{field_name} cannot be null; give a value", field_name)
+    if bool in args and not isinstance(value, bool):
+        raise NexttokError(f"{field_name} must be true or false (got {value!r})", field_name)
+    if isinstance(value, bool):
         return value
     try:
         if float in args and isinstance(value, str | int):
             return float(value)
-        if int in args and isinstance(value, str):
-            return int(value)
-    except ValueError:
-        raise NexttokError(f"'{value}' is not a number", name) from None
+        if int in args:
+            return int(value) if isinstance(value, str) or value == int(value) else value
+    except (ValueError, TypeError):
+        raise NexttokError(f"{field_name} must be a number (got {value!r})", field_name) from None
     return value
 
 
@@ -178,10 +186,14 @@ def _build(section: str, cls: type, values: Any) -> Any:
             raise NexttokError(
                 f"unknown field '{section}.{key}'; {section} fields are: {', '.join(sorted(names))}", f"{section}.{key}"
             )
-    try:
-        return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
-    except TypeError as e:  # a required field is missing
-        raise NexttokError(f"{section}: {e}".replace("__init__() ", ""), section) from None
+    required = [f.name for f in dataclasses.fields(cls) if f.default is f.default_factory is dataclasses.MISSING]
+    if missing := [name for name in required if name not in values]:
+        raise NexttokError(
+            f"the recipe lacks {', '.join(f'{section}.{m}' for m in missing)}; give them in the YAML "
+            f"(see recipes/shakespeare.yaml) or as {section}.FIELD=VALUE",
+            section,
+        )
+    return cls(**{k: _coerce(section, cls, k, v) for k, v in values.items()})
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
