@@ -175,3 +175,11 @@ def test_param_groups_decay_only_matrices_and_scale_the_embedding_lr(tok):
     assert {id(p) for p in embed["params"]} == {id(model.model.embed_tokens.weight)} and embed["lr_scale"] == 5.0
     assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == embed["weight_decay"] == 0.0
+
+
+def test_bf16_autocast_trains_in_bfloat16(tmp_path, tok, ids):
+    kw = dict(max_steps=4, warmup_steps=1, eval_every=0, save_every=0)
+    fp32 = fit(tiny_model(tok, 0.0), tok, ToySource(ids), None, config(tmp_path / "a", **kw))
+    bf16 = fit(tiny_model(tok, 0.0), tok, ToySource(ids), None, config(tmp_path / "b", bf16=True, **kw))
+    # Same batches and init: the losses differ only by bfloat16 rounding (equal would mean no autocast).
+    assert bf16.train_loss != fp32.train_loss and abs(bf16.train_loss - fp32.train_loss) < 0.1
