@@ -4,7 +4,7 @@ Each YAML conversation alternates user and assistant turns (some run several tur
 one ``{"messages": [...]}`` record. Then: preview the loss mask, fine-tune briefly with LoRA, and
 compare the base and the fine-tuned model on a greeting.
 
-Run: ``python examples/chatterbot_chat.py [--steps 40]``; ``--data-only`` just writes the JSONL.
+Run: ``python examples/chatterbot_chat.py [--steps 10]``; ``--data-only`` just writes the JSONL.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="runs/chatterbot/chatterbot.jsonl")
     ap.add_argument("--out", default="runs/chatterbot-lora")
-    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--data-only", action="store_true")
     args = ap.parse_args()
     rows = conversations()
@@ -58,7 +58,7 @@ def main() -> None:
     nexttok_cli("mask-preview", "--data", str(path), "-n", "1")
     nexttok_cli(
         "finetune", "--data", str(path), "--out", args.out, "--lora", "--steps", str(args.steps),
-        "--max-length", "256", "--batch-size", "4",
+        "--max-length", "256", "--batch-size", "4", "--bf16",
     )  # fmt: skip
     nexttok_cli("compare", "--model", "default", "--model", args.out, "--chat", "Do you like ice cream?", "-k", "5")
 
