@@ -56,6 +56,18 @@ def test_decode_copy_shares_weights_and_follows_updates(tiny_model_dir):
     torch.testing.assert_close(decode_model(lm.model).lm_head.weight_t, lm.model.lm_head.weight.t())
 
 
+def test_decode_linear_kernels_agree_with_nn_linear():
+    from nexttok.engine import _DecodeLinear
+
+    torch.manual_seed(0)
+    for out_f, in_f in [(1536, 576), (576, 1536), (192, 576)]:  # widening, narrowing, small
+        linear = torch.nn.Linear(in_f, out_f, bias=False)
+        fast = _DecodeLinear(linear)
+        for rows in (1, 8, 40):  # one-row, few-row and prefill kernels
+            x = torch.randn(1, rows, in_f)
+            torch.testing.assert_close(fast(x), linear(x), atol=1e-4, rtol=1e-4)
+
+
 def test_cached_logits_equal_recomputed_logits(tiny_lm):
     ids = tiny_lm.encode(PROMPT)
     decoder = Decoder(tiny_lm)

@@ -19,20 +19,31 @@ if TYPE_CHECKING:
     from nexttok.lm import LM
 
 
-class _InputMajorLinear(nn.Module):
-    """A bias-free linear layer that also keeps its weight as (in, out). For a single row the product is a
-    matrix-vector product bound by memory reads, and MKL streams an (in, out) matrix markedly faster on
-    this CPU than nn.Linear's (out, in) weight; for several rows (prefill, N samples) the original
-    layout is as fast or faster, so those calls go to the original layer (see docs/generate.md)."""
+class _DecodeLinear(nn.Module):
+    """A bias-free linear layer with a kernel chosen per call shape (measured, see docs/generate.md).
+
+    One row (a decode step of one sample) is a matrix-vector product bound by memory reads: MKL
+    streams an (in, out) copy of a widening layer's weight faster than nn.Linear's (out, in) one.
+    A few rows (N samples) are bound by GEMM compute, where MKL runs a generic kernel on this AMD
+    CPU and oneDNN's AVX-512 GEMM is faster for all but the smallest layers. Anything else (the
+    prefill) goes to the original layer."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.linear = linear
-        self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)  # (in, out)
+        out_f, in_f = linear.weight.shape
+        self.transposed = out_f >= in_f  # widening or square: q, o, gate, up, the output layer
+        if self.transposed:
+            self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)  # (in, out)
+        big = linear.weight.numel() >= 2**18  # all but the small k, v projections
+        self.onednn = big and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1]:  # one row: (1, 1, in) @ (in, out)
-            return torch.matmul(x, self.weight_t)
+        rows = x.numel() // x.shape[-1]
+        if rows == 1 and self.transposed:
+            return torch.matmul(x, self.weight_t)  # (1, 1, in) @ (in, out)
+        if 1 < rows <= 16 and self.onednn and x.dtype == torch.float32:
+            return torch.ops.mkldnn._linear_pointwise(x, self.linear.weight, None, "none", [], "")
         return self.linear(x)
 
 
@@ -46,7 +57,7 @@ def _weights_version(model: nn.Module) -> tuple[int, ...]:
 
 def decode_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for decoding: the same modules and the same (shared) parameters, except that
-    each bias-free ``nn.Linear`` that does not narrow its input reads a transposed copy of its weight.
+    each bias-free ``nn.Linear`` picks its kernel by call shape (:class:`_DecodeLinear`).
     Built once and cached on the model; rebuilt when the model's weights change."""
     version = _weights_version(model)
     cached = getattr(model, "_nexttok_decode", None)
@@ -57,10 +68,8 @@ def decode_model(model: nn.Module) -> nn.Module:
     fast = copy.deepcopy(model, memo=shared)  # new module objects, the very same tensors
     for parent in list(fast.modules()):
         for name, child in list(parent.named_children()):
-            # Measured (bench/gemv shapes in docs/generate.md): (in, out) streams faster when the layer
-            # widens or keeps its width (q, o, gate, up, lm_head); narrowing layers (k, v, down) stay as they are.
-            if isinstance(child, nn.Linear) and child.bias is None and child.out_features >= child.in_features:
-                setattr(parent, name, _InputMajorLinear(child))
+            if isinstance(child, nn.Linear) and child.bias is None:
+                setattr(parent, name, _DecodeLinear(child))
     object.__setattr__(model, "_nexttok_decode", (version, fast))  # not a submodule: no state_dict entry
     return fast
 
