@@ -4,7 +4,7 @@ The transformer is the Hugging Face model itself; this module only decides how i
 transformers' ``DynamicCache`` (measured faster here than a ``StaticCache`` in eager mode: a static
 cache attends over its whole preallocated length through a mask), the final norm's output for the
 last position only through the output layer, N samples of one prompt sharing one prefill, and a
-decode copy of the model whose widening linear layers read transposed weights.
+decode copy of the model whose linear layers pick a faster kernel per call shape (_DecodeLinear).
 """
 
 from __future__ import annotations
