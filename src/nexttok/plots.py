@@ -14,6 +14,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_candidates(report: dict, path: str | Path) -> Path:
     """Bars of the top candidates; grouped bars, one colour per temperature, when there are several."""
     plt = _pyplot()
@@ -30,12 +39,7 @@ def plot_candidates(report: dict, path: str | Path) -> Path:
     ax.set_title(f"next token after {tail!r}", fontsize=10)
     if n > 1:
         ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def plot_loss_curve(records: list[dict], path: str | Path) -> Path:
@@ -59,12 +63,7 @@ def plot_loss_curve(records: list[dict], path: str | Path) -> Path:
         ax2 = ax.twinx()
         ax2.plot(*zip(*bits, strict=True), "s--", color="tab:green", alpha=0.7, markersize=3)
         ax2.set_ylabel(key.removeprefix("eval_").replace("_", " "), color="tab:green")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def plot_compare(comparison, names: tuple[str, str], path: str | Path) -> Path:
@@ -81,9 +80,4 @@ def plot_compare(comparison, names: tuple[str, str], path: str | Path) -> Path:
     ax.set_ylabel("probability")
     ax.set_title(f"KL(A‖B) {comparison.kl_ab_bits:.3f} bits · JS {comparison.js_bits:.3f} bits", fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
