@@ -4,7 +4,8 @@ Same model (the packaged default, fp32 weights on CPU), same records (chatterbot
 once through the chat template; TRL gets the very same ``input_ids`` and ``labels``, so both train on
 the completion only), maximum length 128, batch size 8. TRL runs with its defaults otherwise
 (``use_cpu=True``; its SFTConfig turns on bf16 autocast and gradient checkpointing by default).
-``--precision bf16`` (default) runs both sides under bf16 autocast, ``fp32`` neither.
+``--precision bf16`` (default) runs both sides under bf16 autocast, ``fp32`` neither;
+``--trl-checkpointing off`` turns TRL's gradient checkpointing off (faster, more memory).
 
 Ours runs twice: ``pack`` (8 rows of up to 128 tokens, several records per row, block-diagonal
 attention) and ``pad`` (8 records per batch, length-bucketed padding). Step time is the wall time
@@ -115,7 +116,7 @@ def _real_counts(source, index: int) -> tuple[int, int]:
     return len(ids), sum(source.lengths[j] for j in ids)
 
 
-def trl_run(examples, lora: bool, steps: int, bf16: bool) -> dict:
+def trl_run(examples, lora: bool, steps: int, bf16: bool, checkpointing: bool = True) -> dict:
     import datasets
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -135,7 +136,7 @@ def trl_run(examples, lora: bool, steps: int, bf16: bool) -> dict:
     args = SFTConfig(output_dir=out, max_steps=steps + 2, per_device_train_batch_size=BATCH, max_length=MAX_LEN,
                      completion_only_loss=True, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1000,
                      learning_rate=2e-4 if lora else 2e-5, disable_tqdm=True, dataloader_num_workers=0,
-                     bf16=bf16)  # fmt: skip
+                     bf16=bf16, gradient_checkpointing=checkpointing)  # fmt: skip
     peft_config = None
     if lora:
         from peft import LoraConfig
@@ -176,6 +177,8 @@ def main() -> None:
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                     help="bf16: autocast on both sides (TRL's default); fp32: autocast off on both")  # fmt: skip
     ap.add_argument("--layouts", default="pad,pack", help="our batch layouts to measure")
+    ap.add_argument("--trl-checkpointing", choices=["on", "off"], default="on",
+                    help="TRL's gradient checkpointing (SFTConfig's default: on)")  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -189,11 +192,12 @@ def main() -> None:
     pad_id = tok.pad_token_id
     print(f"{len(examples)} chatterbot records, mean {statistics.mean(len(e) for e in examples):.1f} tokens; "
           f"batch {BATCH}, max length {MAX_LEN}, {args.precision}, "
+          f"TRL gradient checkpointing {args.trl_checkpointing}, "
           f"{args.steps} timed steps x {args.repeats} repeats")  # fmt: skip
-    bf16 = args.precision == "bf16"
+    bf16, trl_gc = args.precision == "bf16", args.trl_checkpointing == "on"
     runs = {}
     for mode, lora in [("full", False), ("LoRA r=8", True)]:
-        runs[(mode, "TRL")] = lambda lora=lora: trl_run(examples, lora, args.steps, bf16)
+        runs[(mode, "TRL")] = lambda lora=lora: trl_run(examples, lora, args.steps, bf16, trl_gc)
         for layout in args.layouts.split(","):
             runs[(mode, f"ours {layout}")] = lambda lora=lora, lay=layout: ours_run(
                 examples, lay, lora, args.steps, pad_id, bf16

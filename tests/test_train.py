@@ -183,3 +183,20 @@ def test_bf16_autocast_trains_in_bfloat16(tmp_path, tok, ids):
     bf16 = fit(tiny_model(tok, 0.0), tok, ToySource(ids), None, config(tmp_path / "b", bf16=True, **kw))
     # Same batches and init: the losses differ only by bfloat16 rounding (equal would mean no autocast).
     assert bf16.train_loss != fp32.train_loss and abs(bf16.train_loss - fp32.train_loss) < 0.1
+
+
+def test_only_trained_positions_reach_the_output_layer_and_the_loss_is_unchanged(tok, ids):
+    model = tiny_model(tok, dropout=0.0).eval()
+    x = ids[:64].view(2, 32)  # (B, T)
+    labels = x.clone()
+    labels[0, :20] = -100  # a prompt
+    labels[1, :5] = labels[1, 25:] = -100
+    seen = []
+    model.lm_head.register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape)))
+    loss, n = token_loss_sum(model, {"input_ids": x, "labels": labels})
+    logits = model(input_ids=x).logits[:, :-1]  # (B, T-1, V): the reference projects every position
+    ref = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+    n_trained = int((labels[:, 1:] != -100).sum())
+    assert n == n_trained and seen[0] == (n_trained, 32)  # (N, H), not (B, T, H)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert not model.lm_head._forward_pre_hooks  # the selection hook is gone afterwards
