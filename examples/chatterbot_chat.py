@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,7 @@ def main() -> None:
     if args.data_only:
         return
     nexttok_cli("mask-preview", "--data", str(path), "-n", "1")
+    shutil.rmtree(args.out, ignore_errors=True)  # a worked example starts from scratch on every run
     nexttok_cli(
         "finetune", "--data", str(path), "--out", args.out, "--lora", "--steps", str(args.steps),
         "--max-length", "256", "--batch-size", "4", "--bf16",

@@ -27,6 +27,7 @@ import argparse
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -138,6 +139,7 @@ def main() -> None:
     print(f"{len(train)} training and {len(test)} held-out questions over {len(PLAYS)} plays in {data}/")
     before = exact_match(nexttok.load("default"), test)
     print(f"exact match before fine-tuning: {before:.1%}", flush=True)
+    shutil.rmtree(args.out, ignore_errors=True)  # a worked example starts from scratch on every run
     nexttok_cli(
         "finetune", "--model", "default", "--data", str(data / "train.jsonl"), "--out", args.out,
         "--lora", "--lora-r", "8", "--lr", "1e-3", "--epochs", str(args.epochs), "--max-length", "256",

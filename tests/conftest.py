@@ -84,6 +84,18 @@ def tiny_lm(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def tok(tmp_path_factory):
+    """A tiny BPE tokenizer (shared by the training, checkpoint and data tests)."""
+    return make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def ids(tok):
+    """The tiny corpus as token ids, shape (N,)."""
+    return torch.tensor(tok.encode(tiny_corpus(8000)))
+
+
+@pytest.fixture(scope="session")
 def default_lm():
     """The real packaged default model (integration tests only)."""
     import nexttok

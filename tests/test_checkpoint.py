@@ -14,20 +14,6 @@ from nexttok.errors import NexttokError
 from nexttok.train import fit
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    from conftest import make_tiny_tokenizer
-
-    return make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def ids(tok):
-    from conftest import tiny_corpus
-
-    return torch.tensor(tok.encode(tiny_corpus(8000)))
-
-
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, tok, ids, monkeypatch):
     real_save, calls = torch.save, []
 

@@ -7,16 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_corpus
+from conftest import tiny_corpus
 
 from nexttok.data.blocks import BlockSource, _chunks, prepare, split_documents, text_tables, tokenize
 from nexttok.data.sources import load_corpus
 from nexttok.errors import NexttokError
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_tokenizer, tiny_corpus
 
 from nexttok.errors import NexttokError
 from nexttok.train import TrainConfig, fit, token_loss_sum
@@ -31,16 +30,6 @@ class ToySource:
         for i in range(limit):
             x = self.ids[i * n : (i + 1) * n].view(batch_size, self.block)  # (B, T)
             yield {"input_ids": x, "labels": x.clone(), "n_bytes": torch.tensor(4 * x.numel())}
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return make_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def ids(tok):
-    return torch.tensor(tok.encode(tiny_corpus(8000)))
 
 
 def tiny_model(tok, dropout: float = 0.1):
