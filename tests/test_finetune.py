@@ -157,3 +157,30 @@ def test_records_longer_than_the_context_are_dropped_and_counted(tiny_model_dir,
     finetune(str(tiny_model_dir), DataOptions(str(path), eval_fraction=0), str(tmp_path / "o"), steps=1,
              notify=notes.append)  # fmt: skip
     assert any("1 dropped: longer than 256 tokens" in n for n in notes), notes
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_finetune_under_torchrun_equals_one_process_with_accumulation(tiny_model_dir, data_file, tmp_path, lora):
+    """torchrun, 2 CPU processes (gloo): finetune runs DDP through the same fit() as pretrain; rank r takes
+    micro-batch 2*step + r, the batches one process takes with --grad-accum 2: the same training."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NEXTTOK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    args = ["finetune", "--model", str(tiny_model_dir), "--data", data_file, "--steps", "4", "--batch-size", "4"]
+    args += ["--eval-fraction", "0", "--lr", "3e-3", *(["--lora", "--lora-dropout", "0"] if lora else [])]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    proc = subprocess.run(
+        [*torchrun, "-m", "nexttok", *args, "--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "one"), "--grad-accum", "2", "--threads", "1"])
+    assert single.exit_code == 0, single.output
+    ddp = json.loads((tmp_path / "ddp/checkpoint/trainer_state.json").read_text())
+    one = json.loads((tmp_path / "one/checkpoint/trainer_state.json").read_text())
+    assert ddp["world"] == 2 and ddp["step"] == one["step"] == 4
+    assert ddp["last_loss"] == pytest.approx(one["last_loss"], abs=1e-4)
+    weights = "adapter_model.safetensors" if lora else "model.safetensors"
+    assert (tmp_path / "ddp" / weights).is_file()  # rank 0 wrote the result

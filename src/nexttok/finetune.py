@@ -239,7 +239,11 @@ def finetune(
         raise NexttokError("--merge folds LoRA adapters into the model; it needs --lora", param="merge")
     base, tokenizer, data = load_base(model, dtype, threads, data)
     prepared = prepare_data(tokenizer, data)
-    net = apply_lora(base, lora) if lora else base
+    if lora:
+        torch.manual_seed(train.get("seed", data.seed))  # the adapters' random init follows --seed, in any process
+        net = apply_lora(base, lora)
+    else:
+        net = base
     batch_size, grad_accum = train.pop("batch_size", 8), train.get("grad_accum", 1)
     max_steps = steps or steps_for(prepared, epochs, batch_size, grad_accum, distributed.world())
     settings = default_train_settings(max_steps, lora is not None, prepared.eval is not None)
