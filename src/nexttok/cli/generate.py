@@ -60,13 +60,14 @@ def parse_bias(items: list[str] | None) -> dict[str | int, float]:
 
 def stage_config(
     temperature: float, top_k: int, top_p: float, min_p: float, typical_p: float, repetition_penalty: float,
-    presence_penalty: float, frequency_penalty: float, logit_bias: list[str] | None,
+    presence_penalty: float, frequency_penalty: float, logit_bias: list[str] | None, **rest,
 ) -> SamplingConfig:  # fmt: skip
-    """The sampling options of ``predict --stages`` as a validated config (before any model loads)."""
+    """The sampling-stage options of ``predict --stages`` and ``generate`` as a validated config (before
+    any model loads); ``rest`` sets the other :class:`SamplingConfig` fields (length, stops, seed)."""
     return SamplingConfig(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty, logit_bias=parse_bias(logit_bias),
+        frequency_penalty=frequency_penalty, logit_bias=parse_bias(logit_bias), **rest,
     )  # fmt: skip
 
 
@@ -189,11 +190,9 @@ def generate_cmd(
     threads: ThreadsOpt = None,
 ) -> None:
     """Continue PROMPT one token at a time, streaming the text as it is produced."""
-    config = SamplingConfig(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty, logit_bias=parse_bias(logit_bias), max_new_tokens=max_new_tokens,
-        stop=tuple(stop or ()), ignore_eos=ignore_eos, seed=seed,
+    config = stage_config(
+        temperature, top_k, top_p, min_p, typical_p, repetition_penalty, presence_penalty, frequency_penalty,
+        logit_bias, max_new_tokens=max_new_tokens, stop=tuple(stop or ()), ignore_eos=ignore_eos, seed=seed,
     )  # fmt: skip
     if num_samples < 1:
         raise NexttokError(f"--num-samples must be at least 1 (got {num_samples})", param="num_samples")
