@@ -67,20 +67,21 @@ def test_fit_learns_and_writes_a_model_folder(tmp_path, tok, ids):
     torch.testing.assert_close(again.lm_head.weight, model.lm_head.weight)
 
 
-def test_resume_after_a_crash_gives_the_same_final_loss(tmp_path, tok, ids):
-    whole = fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path / "a"))
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_a_crash_gives_the_same_final_loss(tmp_path, tok, ids, optimizer):
+    whole = fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path / "a", optimizer=optimizer))
 
     def crash(index: int) -> None:
         if index == 2 * 10:  # the first micro-batch of step 10; the last checkpoint is step 8
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_model(tok), tok, ToySource(ids, hook=crash), None, config(tmp_path / "b"))
+        fit(tiny_model(tok), tok, ToySource(ids, hook=crash), None, config(tmp_path / "b", optimizer=optimizer))
     state = json.loads((tmp_path / "b/checkpoint/trainer_state.json").read_text())
     assert state["step"] == 8
     # A fresh model object (different init) proves the weights come from the checkpoint.
     torch.manual_seed(123)
-    resumed = fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path / "b"), resume=True)
+    resumed = fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path / "b", optimizer=optimizer), resume=True)
     assert resumed.step == 12
     assert resumed.train_loss == pytest.approx(whole.train_loss, abs=1e-6)
     # The log records of the lost steps 9-10 were dropped, so each step is logged once.
@@ -164,6 +165,28 @@ def test_param_groups_decay_only_matrices_and_scale_the_embedding_lr(tok):
     assert {id(p) for p in embed["params"]} == {id(model.model.embed_tokens.weight)} and embed["lr_scale"] == 5.0
     assert all(p.ndim == 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == embed["weight_decay"] == 0.0
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tmp_path, tok, ids):
+    from nexttok.train import make_optimizer
+
+    model = tiny_model(tok)
+    muon, adamw = make_optimizer(model, config(tmp_path, optimizer="muon")).optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    on_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    head, embed = model.lm_head.weight, model.model.embed_tokens.weight
+    hidden = {id(p) for p in model.parameters() if p.ndim == 2} - {id(head), id(embed)}
+    assert on_muon == hidden and len(hidden) == 7  # q, k, v, o, gate, up, down
+    on_adamw = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert on_adamw == {id(p) for p in model.parameters()} - hidden
+    with torch.no_grad():
+        loss_sum, n = token_loss_sum(model.eval(), next(ToySource(ids).eval_batches(4, 1)))
+    res = fit(model, tok, ToySource(ids), ToySource(ids), config(tmp_path, optimizer="muon"))
+    assert res.eval["loss"] < float(loss_sum) / n - 0.2  # learned something
+    with pytest.raises(NexttokError, match='train.optimizer must be "adamw" or "muon"'):
+        config(tmp_path, optimizer="sgd")
+    with pytest.raises(NexttokError, match="different optimizer"):  # a muon checkpoint resumed with adamw
+        fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path, max_steps=14), resume=True)
 
 
 def test_bf16_autocast_trains_in_bfloat16(tmp_path, tok, ids):

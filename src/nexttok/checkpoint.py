@@ -120,7 +120,13 @@ def load(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
     if folder is None:
         return None
     _load_weights(folder, model)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    try:
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    except (KeyError, ValueError) as e:  # another optimizer's state (train.optimizer changed), or other groups
+        raise NexttokError(
+            f"the checkpoint in {folder} holds the state of a different optimizer or parameter set ({e!r}); "
+            "resume with the train.optimizer and model it was written with, or start a new --out"
+        ) from None
     state = json.loads((folder / STATE).read_text())
     state["rng"] = torch.load(folder / "rng.pt", weights_only=True)
     return state

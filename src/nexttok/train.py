@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = '"steps", or "time" with max_seconds set'
 
 
@@ -58,6 +59,9 @@ class TrainConfig:
     # training, so a run that must end on time still anneals fully (the LR then depends on speed).
     schedule: str = "steps"
     embedding_lr_scale: float = 1.0  # the embeddings' learning rate is lr x this
+    # "adamw", or "muon": Muon (orthogonalised momentum) for the hidden weight matrices and AdamW for
+    # the rest (embeddings, output layer, norms, biases), both with lr, min_lr and weight_decay above.
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # YAML gives a list
@@ -72,6 +76,7 @@ class TrainConfig:
             ("betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "two numbers in [0, 1)"),
             ("grad_clip", self.grad_clip >= 0, ">= 0 (0 turns clipping off)"),
             ("embedding_lr_scale", 0 < self.embedding_lr_scale <= 1000, "in (0, 1000]"),
+            ("optimizer", self.optimizer in OPTIMIZERS, " or ".join(f'"{o}"' for o in OPTIMIZERS)),
             ("eval_every", self.eval_every >= 0, ">= 0 (0 turns evaluation off)"),
             ("eval_batches", self.eval_batches >= 1, ">= 1"),
             ("save_every", self.save_every >= 0, ">= 0 (0 saves only at the end)"),
@@ -189,15 +194,71 @@ def param_groups(model: torch.nn.Module, weight_decay: float, embedding_lr_scale
     ]
 
 
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, config: TrainConfig):
     groups = [g for g in param_groups(model, config.weight_decay, config.embedding_lr_scale) if g["params"]]
     if not groups:
         raise NexttokError("the model has no trainable parameters; unfreeze some (or check the LoRA targets)")
+    if config.optimizer == "muon":
+        return _muon(model, groups, config)
+    return _adamw(groups, config)
+
+
+def _adamw(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
     # The fused kernel is faster where it exists (torch>=2.4 on CPU); foreach is the portable fallback.
     try:
         return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
+
+
+def _muon(model: torch.nn.Module, groups: list[dict], config: TrainConfig) -> ChainedOptimizer:
+    """Muon takes the decayed 2-D matrices except the output layer (it orthogonalises whole
+    matrices, which suits hidden layers, not a classifier over the vocabulary); AdamW the rest."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_ids = {id(head.weight)} if head is not None else set()
+    hidden = [p for p in groups[0]["params"] if p.ndim == 2 and id(p) not in head_ids]
+    taken = {id(p) for p in hidden}
+    for g in groups:
+        g["params"] = [p for p in g["params"] if id(p) not in taken]
+    groups = [g for g in groups if g["params"]]
+    # "match_rms_adamw" scales each update to AdamW's size, so Muon reuses AdamW's lr and weight decay.
+    muon = torch.optim.Muon(
+        [{"params": hidden, "lr_scale": 1.0}],
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        adjust_lr_fn="match_rms_adamw",
+    )
+    return ChainedOptimizer([muon] + ([_adamw(groups, config)] if groups else []))
+
+
+class ChainedOptimizer:
+    """Several optimizers stepped, zeroed, saved and restored as one."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"chained": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state.get("chained", [])) != len(self.optimizers):
+            raise NexttokError(
+                "the checkpoint's optimizer state is for another train.optimizer; resume with the one it used"
+            )
+        for o, s in zip(self.optimizers, state["chained"], strict=True):
+            o.load_state_dict(s)
 
 
 class _Run:
