@@ -70,7 +70,7 @@ def test_resume_continues_from_the_checkpoint(recipe, tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.layer=2", "unknown field 'model.layer'; model fields are: context, dropout"),
+        ("model.layer=2", "unknown field 'model.layer'; model fields are: attention_dropout, context, dropout"),
         ("train.lr=-1", r"train.lr must be in \(0, 1\]"),
         ("model.heads=3", "model.heads must be a divisor of hidden=32"),
         ("optimizer.lr=1", "unknown field 'optimizer'"),
@@ -130,3 +130,30 @@ def test_pretrain_with_a_given_tokenizer_folder(recipe, tmp_path):
 def test_a_recipe_without_the_training_fields_names_them():
     with pytest.raises(NexttokError, match=r"the recipe lacks train.out_dir, train.max_steps, .*train.FIELD=VALUE"):
         load_recipe(None)
+
+
+def test_dropout_acts_in_training_only_and_is_not_saved(recipe, tmp_path):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from nexttok.pretrain import build_model
+    from nexttok.tokenizer_train import train_bpe
+
+    tok = train_bpe([tiny_corpus(4000)], 300)
+    plain = build_model(load_recipe(recipe, ["model.dropout=0"]), tok)
+    dropped = build_model(load_recipe(recipe, ["model.dropout=0.3"]), tok)
+    ids = torch.tensor([tok.encode("ROMEO: speak, good friend")])
+    plain.train(), dropped.train()
+    # the embeddings, every attention and MLP output: 1 + 2 per layer
+    assert len(dropped.get_decoder().embed_tokens._forward_hooks) == 1
+    assert not plain.get_decoder().embed_tokens._forward_hooks
+    with torch.no_grad():
+        a, b = dropped(ids).logits, dropped(ids).logits  # (1, T, V) each
+        assert not torch.allclose(a, b)  # a fresh mask per forward
+        assert torch.equal(plain(ids).logits, plain(ids).logits)
+        dropped.eval()
+        assert torch.allclose(dropped(ids).logits, plain.eval()(ids).logits)  # same init, no dropout in eval
+    dropped.save_pretrained(tmp_path / "saved")
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, plain(ids).logits, atol=1e-6)

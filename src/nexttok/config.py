@@ -37,7 +37,8 @@ class ModelConfig:
     context: int = 256
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the embeddings and each attention/MLP output in training (GPT-2's resid_pdrop)
+    attention_dropout: float = 0.0  # Llama's own, on the attention weights; it takes SDPA off its fused path
 
     def __post_init__(self) -> None:
         kv = self.kv_heads or self.heads
@@ -52,6 +53,7 @@ class ModelConfig:
                 ("context", 8 <= self.context <= 1 << 20, "in [8, 1048576]"),
                 ("rope_theta", self.rope_theta > 0, "> 0"),
                 ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+                ("attention_dropout", 0 <= self.attention_dropout < 1, "in [0, 1)"),
             ],
             self,
         )
@@ -74,7 +76,7 @@ class ModelConfig:
             max_position_embeddings=self.context,
             tie_word_embeddings=self.tie_embeddings,
             rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-            attention_dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

@@ -75,10 +75,35 @@ def build_model(recipe: Recipe, tokenizer) -> PreTrainedModel:
     cfg = recipe.model.llama_config(tokenizer)
     torch.manual_seed(recipe.train.seed)  # the same init on every rank
     model = LlamaForCausalLM(cfg)
+    add_residual_dropout(model, recipe.model.dropout)
     model.generation_config = GenerationConfig(
         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id
     )
     return model
+
+
+def add_residual_dropout(model: PreTrainedModel, p: float) -> list:
+    """Dropout on the token embeddings and on each attention and MLP output before it joins the
+    residual stream (GPT-2's ``embd_pdrop``/``resid_pdrop``), as forward hooks.
+
+    Llama has no residual dropout of its own, only ``attention_dropout``; a small model that sees
+    its corpus several times needs it (the recipe's held-out loss stopped falling in epoch 3).
+    The hooks act only in training mode and are not saved: the written folder is a plain Llama.
+    Returns the hook handles.
+    """
+    if p <= 0:
+        return []
+
+    def drop(module, args, out):
+        if not module.training:
+            return None
+        if isinstance(out, tuple):  # attention: (output (B, T, H), weights)
+            return (torch.nn.functional.dropout(out[0], p, True),) + out[1:]
+        return torch.nn.functional.dropout(out, p, True)  # (B, T, H)
+
+    inner = model.get_decoder()
+    modules = [inner.embed_tokens] + [m for layer in inner.layers for m in (layer.self_attn, layer.mlp)]
+    return [m.register_forward_hook(drop) for m in modules]
 
 
 def run(recipe: Recipe, resume: bool = False, say=print) -> tuple[FitResult, dict[str, float]]:
