@@ -58,7 +58,8 @@ shakespeare-28s: install
 	rm -rf runs/shakespeare-28s  # a timed run: always from scratch
 	$(VENV)/bin/nexttok pretrain -c recipes/shakespeare.yaml --out runs/shakespeare-28s \
 	  train.max_seconds=28 train.warmup_steps=10 train.eval_every=0 train.save_every=0 train.sample_every=0 \
-	  model.layers=2 model.hidden=128 model.intermediate=384 train.lr=4e-3
+	  model.layers=2 model.hidden=128 model.intermediate=384 train.lr=4e-3 \
+	  train.optimizer=adamw train.batch_size=8 train.weight_decay=0.1
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -74,7 +74,8 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. model.layers=2 train.batch_size=16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    recipe = load_recipe(RECIPE, args.overrides)
+    # The plain loop is AdamW, so fit() uses AdamW too (the recipe's Muon would compare optimizers, not loops).
+    recipe = load_recipe(RECIPE, ["train.optimizer=adamw", *args.overrides])
     corpus = load_corpus(recipe.data.paths)
     train_docs, _ = split_documents(corpus.documents, 0.1, recipe.data.holdout, 0)
     tok = get_tokenizer(recipe, train_docs, resume=False)
