@@ -97,19 +97,19 @@ def test_shakespeare_recipe_is_valid():
     assert r.data.paths == ["shakespeare"] and r.data.holdout == "tail" and r.train.out_dir == "runs/shakespeare"
 
 
-def test_ddp_two_processes_equal_one_process_with_accumulation(recipe, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_ddp_two_processes_equal_one_process_with_accumulation(recipe, tmp_path, optimizer):
     """torchrun, 2 CPU processes (gloo): rank r takes micro-batch 2*step + r, exactly the batches a single
     process takes with grad_accum=2, and the loss is the mean over all their tokens: same training."""
     env = {**os.environ, "NEXTTOK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # a free port
-    cmd = [*torchrun, "-m", "nexttok", "pretrain", "-c", str(recipe), f"train.out_dir={tmp_path / 'ddp'}"]
+    opt = f"train.optimizer={optimizer}"
+    cmd = [*torchrun, "-m", "nexttok", "pretrain", "-c", str(recipe), f"train.out_dir={tmp_path / 'ddp'}", opt]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("held-out (all") == 1  # only rank 0 reports
-    single = CliRunner().invoke(
-        app,
-        ["pretrain", "-c", str(recipe), "--threads", "1", f"train.out_dir={tmp_path / 'one'}", "train.grad_accum=2"],
-    )
+    one_process = ["pretrain", "-c", str(recipe), "--threads", "1", f"train.out_dir={tmp_path / 'one'}"]
+    single = CliRunner().invoke(app, [*one_process, "train.grad_accum=2", opt])
     assert single.exit_code == 0, single.output
     ddp = json.loads((tmp_path / "ddp/checkpoint/trainer_state.json").read_text())
     one = json.loads((tmp_path / "one/checkpoint/trainer_state.json").read_text())
