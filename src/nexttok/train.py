@@ -211,12 +211,16 @@ def _adamw(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
 
 
-def _muon(model: torch.nn.Module, groups: list[dict], config: TrainConfig) -> ChainedOptimizer:
-    """Muon takes the decayed 2-D matrices except the output layer (it orthogonalises whole
-    matrices, which suits hidden layers, not a classifier over the vocabulary); AdamW the rest."""
+def _muon(model: torch.nn.Module, groups: list[dict], config: TrainConfig):
+    """Muon takes the 2-D weight matrices except the embeddings and the output layer (it
+    orthogonalises whole matrices, which suits hidden layers, not a lookup table or a classifier over
+    the vocabulary); AdamW the rest."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_ids = {id(head.weight)} if head is not None else set()
-    hidden = [p for p in groups[0]["params"] if p.ndim == 2 and id(p) not in head_ids]
+    skip = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    skip |= {id(head.weight)} if head is not None else set()
+    hidden = [p for g in groups for p in g["params"] if p.ndim == 2 and id(p) not in skip]
+    if not hidden:  # nothing for Muon to take
+        return _adamw(groups, config)
     taken = {id(p) for p in hidden}
     for g in groups:
         g["params"] = [p for p in g["params"] if id(p) not in taken]
