@@ -145,8 +145,9 @@ def test_dropout_acts_in_training_only_and_is_not_saved(recipe, tmp_path):
     ids = torch.tensor([tok.encode("ROMEO: speak, good friend")])
     plain.train(), dropped.train()
     # the embeddings, every attention and MLP output: 1 + 2 per layer
-    assert len(dropped.get_decoder().embed_tokens._forward_hooks) == 1
-    assert not plain.get_decoder().embed_tokens._forward_hooks
+    hooks = sum(len(m._forward_hooks) for m in dropped.modules())
+    assert hooks == 1 + 2 * dropped.config.num_hidden_layers
+    assert not any(m._forward_hooks for m in plain.modules())
     with torch.no_grad():
         a, b = dropped(ids).logits, dropped(ids).logits  # (1, T, V) each
         assert not torch.allclose(a, b)  # a fresh mask per forward

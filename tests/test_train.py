@@ -187,6 +187,10 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tmp_path, tok, ids):
         config(tmp_path, optimizer="sgd")
     with pytest.raises(NexttokError, match="different optimizer"):  # a muon checkpoint resumed with adamw
         fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path, max_steps=14), resume=True)
+    fit(tiny_model(tok), tok, ToySource(ids), None, config(tmp_path / "a", max_steps=2, warmup_steps=1))
+    again = config(tmp_path / "a", max_steps=4, warmup_steps=1, optimizer="muon")
+    with pytest.raises(NexttokError, match="different optimizer"):  # an adamw checkpoint resumed with muon
+        fit(tiny_model(tok), tok, ToySource(ids), None, again, resume=True)
 
 
 def test_bf16_autocast_trains_in_bfloat16(tmp_path, tok, ids):

@@ -86,9 +86,10 @@ def add_residual_dropout(model: PreTrainedModel, p: float) -> list:
     """Dropout on the token embeddings and on each attention and MLP output before it joins the
     residual stream (GPT-2's ``embd_pdrop``/``resid_pdrop``), as forward hooks.
 
-    Llama has no residual dropout of its own, only ``attention_dropout``; a small model that sees
-    its corpus several times needs it (the recipe's held-out loss stopped falling in epoch 3).
-    The hooks act only in training mode and are not saved: the written folder is a plain Llama.
+    Llama has no residual dropout of its own, only ``attention_dropout``. It is a regulariser for a
+    model that sees its corpus several times; the Shakespeare recipe does not use it (on a 2-core CPU
+    it costs 7% of the step and did not pay, docs/pretrain.md). The hooks act only in training mode
+    and are not saved: the written folder is a plain Llama.
     Returns the hook handles.
     """
     if p <= 0:

@@ -182,7 +182,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, embedding_lr_scale
     """Decay only matrices: norms, biases and embeddings (incl. a tied output layer) are not decayed.
     Embeddings get their own group: each row is updated only when its token occurs, so a larger
     learning rate (``embedding_lr_scale``) can pay off early in training."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    embeddings = _embedding_ids(model)
     decay, no_decay, embed = [], [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -192,6 +192,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float, embedding_lr_scale
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
         {"params": embed, "weight_decay": 0.0, "lr_scale": embedding_lr_scale},
     ]
+
+
+def _embedding_ids(model: torch.nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig):
@@ -216,8 +220,7 @@ def _muon(model: torch.nn.Module, groups: list[dict], config: TrainConfig):
     orthogonalises whole matrices, which suits hidden layers, not a lookup table or a classifier over
     the vocabulary); AdamW the rest."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    skip = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    skip |= {id(head.weight)} if head is not None else set()
+    skip = _embedding_ids(model) | ({id(head.weight)} if head is not None else set())
     hidden = [p for g in groups for p in g["params"] if p.ndim == 2 and id(p) not in skip]
     if not hidden:  # nothing for Muon to take
         return _adamw(groups, config)
@@ -257,10 +260,8 @@ class ChainedOptimizer:
         return {"chained": [o.state_dict() for o in self.optimizers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if len(state.get("chained", [])) != len(self.optimizers):
-            raise NexttokError(
-                "the checkpoint's optimizer state is for another train.optimizer; resume with the one it used"
-            )
+        # Another optimizer's state raises KeyError or ValueError here, as in torch's own optimizers;
+        # checkpoint.load turns either into its one-line error.
         for o, s in zip(self.optimizers, state["chained"], strict=True):
             o.load_state_dict(s)
 
