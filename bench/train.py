@@ -1,11 +1,15 @@
 """Training throughput: nexttok's fit() against a plain hand-written PyTorch loop, same model, same batches.
 
 Both train the same freshly initialised Llama (the Shakespeare recipe's shape unless overridden) on
-the same BlockSource batches for the same number of steps; runs are interleaved and repeated, and
-the medians are compared. Wall time covers the whole call (fit() includes its progress bar, metrics
-log, final checkpoint and loss plot). MFU = achieved training FLOPs / a measured fp32 matmul peak.
+the same BlockSource batches; runs are interleaved and repeated, and the medians are compared.
 
-    .venv/bin/python bench/train.py                 # recipe shape, 3 repeats of 12 steps
+Each side runs twice per repeat, for --short and for --steps optimizer steps, timed over the whole
+call. The difference of the two calls is the per-step cost with the fixed costs cancelled out
+(fit()'s final checkpoint and loss plot, optimizer creation): that is the loop overhead the target
+is about. The fixed costs are printed separately, in seconds, and so is the whole-call ratio.
+MFU = achieved training FLOPs / a measured fp32 matmul peak.
+
+    .venv/bin/python bench/train.py                 # recipe shape, 3 repeats of 5 and 30 steps
     .venv/bin/python bench/train.py --steps 20 --repeats 5 model.layers=2
 """
 
@@ -68,7 +72,8 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=30, help="steps of the long call")
+    ap.add_argument("--short", type=int, default=5, help="steps of the short call (its difference cancels fixed costs)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. model.layers=2 train.batch_size=16")
@@ -84,29 +89,59 @@ def main() -> None:
     init = build_model(recipe, tok)
     stats = model_stats(init, recipe.model.context)
     B, T, lr = recipe.train.batch_size, recipe.model.context, recipe.train.lr
-    tokens = args.steps * B * T
+    if not 0 < args.short < args.steps:
+        ap.error("--short must be at least 1 and below --steps")
     print(f"load average at start: {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()}); threads {args.threads}")
     print(f"model {stats.parameters:,} params, {stats.flops_per_token / 1e6:.1f} MFLOPs/token; batch {B}x{T}")
     ours(copy.deepcopy(init), tok, source, 2, B, lr)  # warm-up: allocator, kernels
-    rates: dict[str, list[float]] = {"fit()": [], "plain loop": []}
+    runners = {
+        "fit()": lambda m, n: ours(m, tok, source, n, B, lr),
+        "plain loop": lambda m, n: plain_loop(m, source, n, B, lr),
+    }
+    per_step: dict[str, list[float]] = {name: [] for name in runners}
+    fixed: dict[str, list[float]] = {name: [] for name in runners}
+    whole: dict[str, list[float]] = {name: [] for name in runners}
     for r in range(args.repeats):
-        order = ["fit()", "plain loop"] if r % 2 == 0 else ["plain loop", "fit()"]
-        for name in order:
-            model = copy.deepcopy(init)
-            t = time.perf_counter()
-            if name == "fit()":
-                ours(model, tok, source, args.steps, B, lr)
-            else:
-                plain_loop(model, source, args.steps, B, lr)
-            rates[name].append(tokens / (time.perf_counter() - t))
-            print(f"  repeat {r + 1} {name:>10}: {rates[name][-1]:,.0f} tokens/s")
+        for name in list(runners) if r % 2 == 0 else list(runners)[::-1]:
+            short, long = (timed(runners[name], init, n) for n in (args.short, args.steps))
+            step_s = (long - short) / (args.steps - args.short)
+            per_step[name].append(step_s)
+            fixed[name].append(short - args.short * step_s)
+            whole[name].append(long)
+            print(
+                f"  repeat {r + 1} {name:>10}: {B * T / step_s:,.0f} tokens/s per step · "
+                f"{args.steps} steps {long:.2f} s"
+            )
+    report(per_step, fixed, whole, B * T, args)
     peak = matmul_peak()
-    a, b = statistics.median(rates["fit()"]), statistics.median(rates["plain loop"])
-    print(f"fit():      {a:,.0f} tokens/s (median of {args.repeats})")
-    print(f"plain loop: {b:,.0f} tokens/s (median of {args.repeats})")
-    print(f"ratio fit()/plain = {a / b:.3f}  (overhead {100 * (1 - a / b):+.1f}%)")
-    print(f"MFU: {a * stats.flops_per_token / peak:.1%} of the measured fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s)")
+    rate = B * T / statistics.median(per_step["fit()"])
+    print(f"MFU: {rate * stats.flops_per_token / peak:.1%} of the measured fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s)")
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+
+def timed(run, init, steps: int) -> float:
+    model = copy.deepcopy(init)
+    t = time.perf_counter()
+    run(model, steps)
+    return time.perf_counter() - t
+
+
+def report(per_step, fixed, whole, tokens_per_step: int, args) -> None:
+    med = {
+        k: {name: statistics.median(v) for name, v in d.items()}
+        for k, d in [("step", per_step), ("fixed", fixed), ("whole", whole)]
+    }
+    a, b = (tokens_per_step / med["step"][name] for name in ("fit()", "plain loop"))
+    print(f"per step (calls of {args.short} and {args.steps} steps, median of {args.repeats}):")
+    print(f"  fit():      {a:,.0f} tokens/s")
+    print(f"  plain loop: {b:,.0f} tokens/s")
+    print(f"  ratio fit()/plain = {a / b:.3f}  (overhead {100 * (1 - a / b):+.1f}%)")
+    print(
+        f"fixed cost per call: fit() {med['fixed']['fit()']:.2f} s (final checkpoint, loss plot), "
+        f"plain loop {med['fixed']['plain loop']:.2f} s"
+    )
+    ratio = med["whole"]["plain loop"] / med["whole"]["fit()"]
+    print(f"whole {args.steps}-step call: ratio fit()/plain = {ratio:.3f}")
 
 
 if __name__ == "__main__":
