@@ -49,23 +49,34 @@ def test_decode_copy_shares_weights_and_follows_updates(tiny_model_dir):
     fast = decode_model(lm.model)
     assert fast is decode_model(lm.model)  # built once
     assert fast.model.embed_tokens.weight is lm.model.model.embed_tokens.weight  # shared, not copied
-    torch.testing.assert_close(fast.lm_head.weight_t, lm.model.lm_head.weight.t())
+    row = torch.randn(1, 1, lm.model.config.hidden_size)  # a one-row call: the transposed-weight kernel
+    torch.testing.assert_close(fast.lm_head(row), lm.model.lm_head(row))
     with torch.no_grad():
         lm.model.lm_head.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
     assert decode_model(lm.model) is not fast
-    torch.testing.assert_close(decode_model(lm.model).lm_head.weight_t, lm.model.lm_head.weight.t())
+    torch.testing.assert_close(decode_model(lm.model).lm_head(row), lm.model.lm_head(row))
 
 
-def test_decode_linear_kernels_agree_with_nn_linear():
-    from nexttok.engine import _DecodeLinear
+@pytest.mark.parametrize("threads", [1, 2])  # one-row calls pick their kernel by thread count
+def test_decode_linear_kernels_agree_with_nn_linear(threads):
+    from nexttok.engine import _ONEDNN, _DecodeLinear
 
     torch.manual_seed(0)
-    for out_f, in_f in [(1536, 576), (576, 1536), (192, 576)]:  # widening, narrowing, small
-        linear = torch.nn.Linear(in_f, out_f, bias=False)
-        fast = _DecodeLinear(linear)
-        for rows in (1, 8, 40):  # one-row, few-row and prefill kernels
-            x = torch.randn(1, rows, in_f)
-            torch.testing.assert_close(fast(x), linear(x), atol=1e-4, rtol=1e-4)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for out_f, in_f in [(1536, 576), (576, 576), (576, 1536), (192, 576)]:  # widening, square, narrowing, small
+            linear = torch.nn.Linear(in_f, out_f, bias=False)
+            fast = _DecodeLinear(linear)
+            for rows in (1, 8, 40):  # one row, a short prefill, a long prefill
+                x = torch.randn(1, rows, in_f)
+                torch.testing.assert_close(fast(x), linear(x), atol=1e-4, rtol=1e-4)
+            assert fast.packed is None  # one sample never pays for the N-sample copy
+            for x in (torch.randn(8, 1, in_f), torch.randn(8, in_f), torch.randn(3, 1, in_f)):  # N-sample steps
+                torch.testing.assert_close(fast(x), linear(x), atol=1e-4, rtol=1e-4)
+            assert (fast.packed is not None) == _ONEDNN  # N-sample steps ran on oneDNN's blocked copy
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cached_logits_equal_recomputed_logits(tiny_lm):

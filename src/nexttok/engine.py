@@ -19,32 +19,58 @@ if TYPE_CHECKING:
     from nexttok.lm import LM
 
 
+_ONEDNN = hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
 class _DecodeLinear(nn.Module):
     """A bias-free linear layer with a kernel chosen per call shape (measured, see docs/generate.md).
 
-    One row (a decode step of one sample) is a matrix-vector product bound by memory reads: MKL
-    streams an (in, out) copy of a widening layer's weight faster than nn.Linear's (out, in) one.
-    A few rows (N samples) are bound by GEMM compute, where MKL runs a generic kernel on this AMD
-    CPU and oneDNN's AVX-512 GEMM is faster for all but the smallest layers. Anything else (the
-    prefill) goes to the original layer."""
+    One row (a decode step of one sample) is a matrix-vector product bound by memory reads. With
+    several threads, oneDNN spreads one row's product over them and reads the large layers (gate, up,
+    down, the output layer) fastest; MKL barely gains from a second thread. With one thread, or for
+    the square q and o layers, MKL streams an (in, out) copy of a widening layer's weight faster than
+    nn.Linear's (out, in) one; the copy is made on first use, so it costs memory only where used.
+    A decode step of N samples (N rows, one position each) is bound by GEMM compute, where MKL runs
+    a generic kernel on this AMD CPU: it goes to oneDNN's AVX-512 GEMM on a copy of the weight in
+    oneDNN's own blocked layout, made on the first such step (so only N-sample runs pay its memory).
+    A few rows of one sample (a short prompt's prefill) use oneDNN on the plain weight; anything else
+    (a longer prefill) goes to the original layer."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
         self.linear = linear
         out_f, in_f = linear.weight.shape
         self.transposed = out_f >= in_f  # widening or square: q, o, gate, up, the output layer
-        if self.transposed:
-            self.register_buffer("weight_t", linear.weight.detach().t().contiguous(), persistent=False)  # (in, out)
-        big = linear.weight.numel() >= 2**18  # all but the small k, v projections
-        self.onednn = big and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        self.weight_t: torch.Tensor | None = None  # (in, out), made on the first one-row call that uses it
+        self.packed: torch.Tensor | None = None  # oneDNN's blocked layout, made on the first N-sample step
+        self.onednn = _ONEDNN and linear.weight.numel() >= 2**18  # all but the small k, v projections
+        self.onednn_row = _ONEDNN and linear.weight.numel() >= 2**19  # gate, up, down, the output layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows == 1 and self.transposed:
-            return torch.matmul(x, self.weight_t)  # (1, 1, in) @ (in, out)
-        if 1 < rows <= 16 and self.onednn and x.dtype == torch.float32:
-            return torch.ops.mkldnn._linear_pointwise(x, self.linear.weight, None, "none", [], "")
+        fp32 = x.dtype == torch.float32
+        if rows == 1:
+            return self._one_row(x, fp32)
+        if _ONEDNN and fp32 and rows == x.shape[0] and rows <= 16:  # (N, 1, in) or (N, in): N samples
+            if self.packed is None:
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(self.linear.weight.detach(), rows)
+            return self._onednn(x, self.packed)
+        if rows <= 16 and self.onednn and fp32:
+            return self._onednn(x, self.linear.weight)
         return self.linear(x)
+
+    def _one_row(self, x: torch.Tensor, fp32: bool) -> torch.Tensor:
+        if self.onednn_row and fp32 and torch.get_num_threads() > 1:
+            return self._onednn(x, self.linear.weight)  # oneDNN splits one row's product over the threads
+        if self.transposed:
+            if self.weight_t is None:
+                self.weight_t = self.linear.weight.detach().t().contiguous()
+            return torch.matmul(x, self.weight_t)  # (1, 1, in) @ (in, out)
+        return self.linear(x)
+
+    @staticmethod
+    def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 def _weights_version(model: nn.Module) -> tuple[int, ...]:
