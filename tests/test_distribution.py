@@ -97,12 +97,16 @@ def test_top_is_clamped_and_validated(tiny_lm):
 
 
 def test_logits_only_at_the_last_position(tiny_lm):
+    from nexttok.engine import inference_model
+
     calls = []
-    hook = tiny_lm.model.lm_head.register_forward_hook(lambda m, i, o: calls.append(tuple(o.shape)))
+    heads = [tiny_lm.model.lm_head, inference_model(tiny_lm.model).lm_head]  # whichever runs: the CPU copy
+    hooks = [h.register_forward_hook(lambda m, i, o: calls.append(tuple(o.shape))) for h in heads]
     try:
         tiny_lm.distribution("ROMEO: what light through yonder window breaks")
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     assert calls == [(1, 1, tiny_lm.vocab_size)]
 
 

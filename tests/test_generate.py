@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from nexttok.engine import Decoder, decode_model
+from nexttok.engine import Decoder, inference_model
 from nexttok.errors import NexttokError
 from nexttok.generate import generate
 from nexttok.sampling import SamplingConfig
@@ -46,20 +46,20 @@ def test_decode_copy_shares_weights_and_follows_updates(tiny_model_dir):
     import nexttok
 
     lm = nexttok.load(str(tiny_model_dir))
-    fast = decode_model(lm.model)
-    assert fast is decode_model(lm.model)  # built once
+    fast = inference_model(lm.model)
+    assert fast is inference_model(lm.model)  # built once
     assert fast.model.embed_tokens.weight is lm.model.model.embed_tokens.weight  # shared, not copied
     row = torch.randn(1, 1, lm.model.config.hidden_size)  # a one-row call: the transposed-weight kernel
     torch.testing.assert_close(fast.lm_head(row), lm.model.lm_head(row))
     with torch.no_grad():
         lm.model.lm_head.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
-    assert decode_model(lm.model) is not fast
-    torch.testing.assert_close(decode_model(lm.model).lm_head(row), lm.model.lm_head(row))
+    assert inference_model(lm.model) is not fast
+    torch.testing.assert_close(inference_model(lm.model).lm_head(row), lm.model.lm_head(row))
 
 
 @pytest.mark.parametrize("threads", [1, 2])  # one-row calls pick their kernel by thread count
 def test_decode_linear_kernels_agree_with_nn_linear(threads):
-    from nexttok.engine import _ONEDNN, _DecodeLinear
+    from nexttok.engine import _ONEDNN, _InferenceLinear
 
     torch.manual_seed(0)
     before = torch.get_num_threads()
@@ -67,7 +67,7 @@ def test_decode_linear_kernels_agree_with_nn_linear(threads):
     try:
         for out_f, in_f in [(1536, 576), (576, 576), (576, 1536), (192, 576)]:  # widening, square, narrowing, small
             linear = torch.nn.Linear(in_f, out_f, bias=False)
-            fast = _DecodeLinear(linear)
+            fast = _InferenceLinear(linear)
             for rows in (1, 8, 40):  # one row, a short prefill, a long prefill
                 x = torch.randn(1, rows, in_f)
                 torch.testing.assert_close(fast(x), linear(x), atol=1e-4, rtol=1e-4)
@@ -150,7 +150,7 @@ def test_eos_ends_the_sample(tiny_lm):
 
 def test_n_samples_share_one_prefill(tiny_lm):
     calls: list[tuple[int, ...]] = []
-    hook = decode_model(tiny_lm.model).model.register_forward_pre_hook(
+    hook = inference_model(tiny_lm.model).model.register_forward_pre_hook(
         lambda mod, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     try:

@@ -3,8 +3,9 @@
 The transformer is the Hugging Face model itself; this module only decides how it is called:
 transformers' ``DynamicCache`` (measured faster here than a ``StaticCache`` in eager mode: a static
 cache attends over its whole preallocated length through a mask), the final norm's output for the
-last position only through the output layer, N samples of one prompt sharing one prefill, and a
-decode copy of the model whose linear layers pick a faster kernel per call shape (_DecodeLinear).
+last position only through the output layer, N samples of one prompt sharing one prefill, and an
+inference copy of the model whose linear layers pick a faster kernel per call shape
+(_InferenceLinear). ``LM.last_logits`` (``predict``) runs on the same copy.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 _ONEDNN = hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-class _DecodeLinear(nn.Module):
+class _InferenceLinear(nn.Module):
     """A bias-free linear layer with a kernel chosen per call shape (measured, see docs/generate.md).
 
     One row (a decode step of one sample) is a matrix-vector product bound by memory reads. With
@@ -33,8 +34,9 @@ class _DecodeLinear(nn.Module):
     A decode step of N samples (N rows, one position each) is bound by GEMM compute, where MKL runs
     a generic kernel on this AMD CPU: it goes to oneDNN's AVX-512 GEMM on a copy of the weight in
     oneDNN's own blocked layout, made on the first such step (so only N-sample runs pay its memory).
-    A few rows of one sample (a short prompt's prefill) use oneDNN on the plain weight; anything else
-    (a longer prefill) goes to the original layer."""
+    Several positions of one sample (a prefill, predict's forward pass) use oneDNN on the plain
+    weight: faster than MKL's GEMM here at every size but the small k, v layers at up to 16 rows,
+    which keep the original layer."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -55,7 +57,7 @@ class _DecodeLinear(nn.Module):
             if self.packed is None:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.linear.weight.detach(), rows)
             return self._onednn(x, self.packed)
-        if rows <= 16 and self.onednn and fp32:
+        if _ONEDNN and fp32 and (self.onednn or rows > 16):
             return self._onednn(x, self.linear.weight)
         return self.linear(x)
 
@@ -81,12 +83,12 @@ def _weights_version(model: nn.Module) -> tuple[int, ...]:
     )
 
 
-def decode_model(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` for decoding: the same modules and the same (shared) parameters, except that
-    each bias-free ``nn.Linear`` picks its kernel by call shape (:class:`_DecodeLinear`).
+def inference_model(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference on the CPU: the same modules and the same (shared) parameters, except that
+    each bias-free ``nn.Linear`` picks its kernel by call shape (:class:`_InferenceLinear`).
     Built once and cached on the model; rebuilt when the model's weights change."""
     version = _weights_version(model)
-    cached = getattr(model, "_nexttok_decode", None)
+    cached = getattr(model, "_nexttok_inference", None)
     if cached is not None and cached[0] == version:
         return cached[1]
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
@@ -95,8 +97,8 @@ def decode_model(model: nn.Module) -> nn.Module:
     for parent in list(fast.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
-                setattr(parent, name, _DecodeLinear(child))
-    object.__setattr__(model, "_nexttok_decode", (version, fast))  # not a submodule: no state_dict entry
+                setattr(parent, name, _InferenceLinear(child))
+    object.__setattr__(model, "_nexttok_inference", (version, fast))  # not a submodule: no state_dict entry
     return fast
 
 
@@ -111,7 +113,7 @@ class Decoder:
     def __init__(self, lm: LM, fast: bool = True):
         from transformers import DynamicCache
 
-        self.model = decode_model(lm.model) if fast and lm.model.device.type == "cpu" else lm.model
+        self.model = inference_model(lm.model) if fast and lm.model.device.type == "cpu" else lm.model
         self.cache = DynamicCache(config=self.model.config)
         self.forward_calls = 0
 

@@ -125,16 +125,22 @@ class LM:
         """Raw scores for the token after ``ids``, shape (V,). Only the last position goes through
         the output layer: the other positions' logits are never computed."""
         input_ids = torch.tensor([ids], device=self.model.device)  # (1, T)
-        return self.model(input_ids=input_ids, logits_to_keep=1, use_cache=False).logits[0, -1]
+        return self._fast()(input_ids=input_ids, logits_to_keep=1, use_cache=False).logits[0, -1]
 
     @torch.inference_mode()
     def continuation_logprob(self, prefix: list[int], continuation: list[int], temperature: float = 1.0) -> float:
         """log P(continuation | prefix) by the chain rule, in one forward pass."""
         n = len(continuation)
         input_ids = torch.tensor([prefix + continuation[:-1]], device=self.model.device)  # (1, T)
-        logits = self.model(input_ids=input_ids, logits_to_keep=n, use_cache=False).logits[0]  # (n, V)
+        logits = self._fast()(input_ids=input_ids, logits_to_keep=n, use_cache=False).logits[0]  # (n, V)
         logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
         return float(logprobs.gather(1, torch.tensor(continuation).unsqueeze(1)).sum())
+
+    def _fast(self) -> PreTrainedModel:
+        """The model with faster kernels per call shape on the CPU (:func:`nexttok.engine.inference_model`)."""
+        from nexttok.engine import inference_model
+
+        return inference_model(self.model) if self.model.device.type == "cpu" else self.model
 
     def distribution(self, prompt: str | list[int], chat: bool = False, temperature: float = 1.0) -> Distribution:
         """The next-token :class:`Distribution` for ``prompt`` (text, or token ids)."""
