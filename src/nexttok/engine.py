@@ -11,6 +11,7 @@ inference copy of the model whose linear layers pick a faster kernel per call sh
 from __future__ import annotations
 
 import copy
+import platform
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,7 +21,13 @@ if TYPE_CHECKING:
     from nexttok.lm import LM
 
 
-_ONEDNN = hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+# oneDNN's x86 GEMM (measured faster than MKL's here); other builds and CPUs keep nn.Linear's kernels.
+_ONEDNN = (
+    torch.backends.mkldnn.is_available()
+    and platform.machine().lower() in ("x86_64", "amd64")
+    and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+)
 
 
 class _InferenceLinear(nn.Module):
