@@ -3,7 +3,8 @@
 Peer: ``model(ids).logits.softmax(-1)`` over every position, then ``topk`` at the last one.
 Ours: ``lm.distribution(prompt).top(10)`` (logits for the last position only).
 Interleaved repeats, medians, ratio = peer time / our time (> 1 means we are faster).
-Also: whole-process wall time of ``nexttok predict`` with a warm cache.
+Also: whole-process wall time of ``nexttok predict`` with a warm cache, and of a process that only
+imports torch, then torch and transformers' Llama classes (the floor under it).
 
     .venv/bin/python bench/predict.py [--repeats 15] [--threads 2]
 """
@@ -61,8 +62,7 @@ def compare(lm, text: str, repeats: int) -> tuple[float, float]:
     return statistics.median(t_ours), statistics.median(t_peer)
 
 
-def process_time(repeats: int) -> float:
-    cmd = [sys.executable, "-m", "nexttok", "predict", "The capital of France is"]
+def process_time(cmd: list[str], repeats: int) -> float:
     subprocess.run(cmd, capture_output=True, check=True)  # warm the cache and the page cache
     times = []
     for _ in range(repeats):
@@ -70,6 +70,14 @@ def process_time(repeats: int) -> float:
         subprocess.run(cmd, capture_output=True, check=True)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+# The whole `nexttok predict` process, and the imports it cannot avoid, timed as processes of their own.
+PROCESSES = [
+    ("nexttok predict", ["-m", "nexttok", "predict", "The capital of France is"]),
+    ("python -c 'import torch'", ["-c", "import torch"]),
+    ("... + transformers' Llama", ["-c", "import torch; from transformers import LlamaForCausalLM"]),
+]
 
 
 def main() -> None:
@@ -84,7 +92,9 @@ def main() -> None:
     for label, text in [("5 tokens", "The capital of France is"), ("512 tokens", long_prompt(lm, 512))]:
         t_ours, t_peer = compare(lm, text, args.repeats)
         print(f"{label:>12} {t_ours * 1e3:9.1f} {t_peer * 1e3:16.1f} {t_peer / t_ours:7.2f}x")
-    print(f"whole process `nexttok predict` (warm cache): {process_time(args.process_repeats):.2f} s median")
+    for label, argv in PROCESSES:
+        seconds = process_time([sys.executable, *argv], args.process_repeats)
+        print(f"whole process, {label}: {seconds:.2f} s median")
 
 
 if __name__ == "__main__":

@@ -135,3 +135,28 @@ def test_console_script_exit_code(tmp_path):
     )
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_console_script_flushes_everything_before_its_quick_exit(tiny_model_dir):
+    """predict leaves without the interpreter's teardown (cli.main): stdout must still be complete."""
+    cmd = ["predict", "ROMEO:", "--model", str(tiny_model_dir), "--json", "--top", "100000"]
+    p = subprocess.run(
+        [sys.executable, "-m", "nexttok", *cmd],
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)  # the whole document arrived, not a cut-off buffer
+    assert len(doc["distributions"][0]["top"]) == doc["vocab_size"]  # every row (--top is clamped)
+
+
+def test_quick_exit_flushes_runs_atexit_and_keeps_the_code():
+    code = (
+        "import atexit, sys\n"
+        "from nexttok.cli import _leave_now\n"
+        "atexit.register(lambda: sys.stdout.write(' bye'))\n"
+        "sys.stdout.write('unflushed')\n"
+        "_leave_now(3)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (p.returncode, p.stdout) == (3, "unflushed bye")
