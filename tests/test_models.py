@@ -98,3 +98,19 @@ def test_gguf_file_loads_directly():
     lm = nexttok.load(str(default_gguf()))
     assert lm.source.kind == "gguf"
     assert lm.distribution("The capital of France is").top(1)[0].text == " Paris"
+
+
+def test_load_freezes_the_collector_at_exit_only(tiny_model_dir):
+    """load() leaves the process's final collections nothing to walk, and changes nothing before exit."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, gc, nexttok\n"
+        f"lm = nexttok.load({str(tiny_model_dir)!r})\n"
+        "before = gc.get_freeze_count()\n"
+        "atexit._run_exitfuncs()\n"
+        "print(before, gc.get_freeze_count() > 10000)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["0", "True"]

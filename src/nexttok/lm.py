@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -155,4 +157,17 @@ def load(model: str | None = None, dtype: str = "float32", threads: int | None =
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    return LM(*load_model_and_tokenizer(model, dtype=dtype, threads=threads))
+    lm = LM(*load_model_and_tokenizer(model, dtype=dtype, threads=threads))
+    _quick_exit()
+    return lm
+
+
+@lru_cache(maxsize=1)  # once per process
+def _quick_exit() -> None:
+    """At exit, freeze the garbage collector's view of every object before Python's final collections.
+
+    With torch and transformers loaded, the interpreter's last collections walk some 400,000 objects:
+    about 1 s of a ~5 s process (measured). Frozen objects are skipped. Nothing else changes while the
+    process runs; objects still alive at exit are then freed by reference counting as before, and only
+    reference cycles among them go unfinalized, which Python never promised at exit anyway."""
+    atexit.register(gc.freeze)
