@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from nexttok.config import load_recipe
 from nexttok.data.blocks import BlockSource, prepare, split_documents
 from nexttok.data.sources import load_corpus
-from nexttok.engine import _ONEDNN
+from nexttok.engine import _ONEDNN, onednn_linear
 from nexttok.pretrain import build_model, get_tokenizer, model_stats
 from nexttok.train import TrainConfig, fit
 
@@ -65,7 +65,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     kernels = [lambda: a @ b]
     if _ONEDNN:
-        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+        kernels.append(lambda: onednn_linear(a, b))
     best = 0.0
     for kernel in kernels:
         kernel()

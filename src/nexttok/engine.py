@@ -30,6 +30,11 @@ _ONEDNN = (
 )
 
 
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight.T`` on oneDNN's GEMM; ``weight`` is (out, in) or oneDNN's blocked copy of it."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
 class _InferenceLinear(nn.Module):
     """A bias-free linear layer with a kernel chosen per call shape (measured, see docs/generate.md).
 
@@ -63,23 +68,19 @@ class _InferenceLinear(nn.Module):
         if _ONEDNN and fp32 and rows == x.shape[0] and rows <= 16:  # (N, 1, in) or (N, in): N samples
             if self.packed is None:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.linear.weight.detach(), rows)
-            return self._onednn(x, self.packed)
+            return onednn_linear(x, self.packed)
         if _ONEDNN and fp32 and (self.onednn or rows > 16):
-            return self._onednn(x, self.linear.weight)
+            return onednn_linear(x, self.linear.weight)
         return self.linear(x)
 
     def _one_row(self, x: torch.Tensor, fp32: bool) -> torch.Tensor:
         if self.onednn_row and fp32 and torch.get_num_threads() > 1:
-            return self._onednn(x, self.linear.weight)  # oneDNN splits one row's product over the threads
+            return onednn_linear(x, self.linear.weight)  # oneDNN splits one row's product over the threads
         if self.transposed:
             if self.weight_t is None:
                 self.weight_t = self.linear.weight.detach().t().contiguous()
             return torch.matmul(x, self.weight_t)  # (1, 1, in) @ (in, out)
         return self.linear(x)
-
-    @staticmethod
-    def _onednn(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
 def _weights_version(model: nn.Module) -> tuple[int, ...]:
