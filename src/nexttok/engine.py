@@ -11,6 +11,7 @@ inference copy of the model whose linear layers pick a faster kernel per call sh
 from __future__ import annotations
 
 import copy
+import os
 import platform
 from typing import TYPE_CHECKING
 
@@ -118,12 +119,15 @@ class Decoder:
     next logits. ``forward_calls`` counts model calls (a test checks N samples use one prefill).
     """
 
-    def __init__(self, lm: LM, fast: bool = True):
+    def __init__(self, lm: LM, fast: bool = True, kernel: bool = True):
         from transformers import DynamicCache
 
         self.model = inference_model(lm.model) if fast and lm.model.device.type == "cpu" else lm.model
         self.cache = DynamicCache(config=self.model.config)
         self.forward_calls = 0
+        self._hf_model = lm.model
+        self.kernel = None  # the compiled one-sample step (kernels.py), when it covers the model
+        self._use_kernel = fast and kernel and os.environ.get("NEXTTOK_NUMBA", "1") != "0"
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -138,7 +142,21 @@ class Decoder:
             # One prompt, many samples: copy the prompt's keys/values instead of recomputing them.
             self.cache.batch_repeat_interleave(batch)
             logits = logits.expand(batch, -1)
+        elif self._use_kernel:
+            self.kernel = _decode_kernel(self._hf_model, self.cache, len(ids))
         return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            self.forward_calls += 1
+            return self.kernel.step(int(tokens.view(-1)[0]))  # (1, V)
         return self._forward(tokens.view(-1, 1).to(self.model.device))  # (B, 1) -> (B, V)
+
+
+def _decode_kernel(model: nn.Module, cache, length: int):
+    """kernels.DecodeKernel for ``model`` when it covers it and numba imports; None otherwise (the torch path)."""
+    try:
+        from nexttok import kernels
+    except ImportError:  # numba missing or broken on this platform
+        return None
+    return None if kernels.unsupported(model) else kernels.DecodeKernel(model, cache, length)

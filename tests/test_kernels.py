@@ -1,0 +1,95 @@
+"""The compiled one-sample decode step: the same logits as the HF model's forward, for each architecture it covers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from nexttok import kernels
+from nexttok.engine import Decoder
+
+SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0}
+ROPE_LLAMA3 |= {"high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def tiny(kind: str) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if kind == "qwen2":  # biases on q, k, v
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**SMALL, num_key_value_heads=2)).eval()
+    if kind == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**SMALL, num_key_value_heads=1, sliding_window=None)).eval()
+    if kind == "llama-bias-llama3-rope":  # biases on q, k, v and o; RoPE scaled as Llama 3's
+        config = tf.LlamaConfig(**SMALL, num_key_value_heads=4, attention_bias=True, rope_parameters=ROPE_LLAMA3)
+        model = tf.LlamaForCausalLM(config).eval()
+        assert model.model.rotary_emb.rope_type == "llama3"
+        return model
+    return tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+
+
+def run_kernel(model, ids: list[int], steps: int, capacity: int | None = None) -> list[tuple[torch.Tensor, list[int]]]:
+    """(kernel logits, the sequence they follow) for ``steps`` greedy steps after an HF prefill of ``ids``."""
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids]), cache=cache, use_cache=True).logits[0, -1]
+    kernel = kernels.DecodeKernel(model, cache, len(ids), capacity=capacity)
+    seq, out = list(ids), []
+    for _ in range(steps):
+        seq.append(int(logits.argmax()))
+        logits = kernel.step(seq[-1])[0]
+        out.append((logits, list(seq)))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "llama-bias-llama3-rope"])
+def test_kernel_logits_equal_the_model_forward(kind):
+    model = tiny(kind)
+    assert kernels.unsupported(model) is None
+    ids = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+    for logits, seq in run_kernel(model, ids, 12, capacity=len(ids) + 3):  # the cache grows twice on the way
+        with torch.inference_mode():
+            reference = model(torch.tensor([seq])).logits[0, -1]
+        torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_is_the_same_at_any_thread_count(threads):
+    model, ids = tiny("llama"), [5, 7, 11, 13]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ours = [int(logits.argmax()) for logits, _ in run_kernel(model, ids, 8)]
+    finally:
+        torch.set_num_threads(before)
+    hf = model.generate(torch.tensor([ids]), max_new_tokens=9, min_new_tokens=9, do_sample=False)
+    assert ours == hf[0, len(ids) + 1 :].tolist()
+
+
+def test_models_it_does_not_cover_are_named_and_use_the_torch_path(tiny_lm):
+    import transformers as tf
+
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    assert kernels.unsupported(gpt2) == "architecture GPT2LMHeadModel"
+    assert "bfloat16" in kernels.unsupported(tiny("llama").to(torch.bfloat16))
+    windowed = tf.MistralForCausalLM(tf.MistralConfig(**SMALL, num_key_value_heads=1, sliding_window=16))
+    assert kernels.unsupported(windowed) == "sliding-window attention"
+    adapted = tiny("llama")
+    adapted.model.layers[0].mlp.up_proj = torch.nn.Sequential(adapted.model.layers[0].mlp.up_proj)
+    assert "nn.Linear" in kernels.unsupported(adapted)
+
+
+def test_decoder_uses_the_kernel_for_one_sample_only(tiny_lm, monkeypatch):
+    ids = tiny_lm.encode("To be, or not to be")
+    one, many = Decoder(tiny_lm), Decoder(tiny_lm)
+    one.prefill(ids)
+    many.prefill(ids, batch=3)
+    assert isinstance(one.kernel, kernels.DecodeKernel) and many.kernel is None
+    monkeypatch.setenv("NEXTTOK_NUMBA", "0")  # the documented way to turn it off
+    off = Decoder(tiny_lm)
+    off.prefill(ids)
+    assert off.kernel is None
+    token = torch.tensor([3])
+    torch.testing.assert_close(one.step(token), off.step(token), atol=1e-4, rtol=1e-4)
