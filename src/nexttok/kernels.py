@@ -196,6 +196,11 @@ class DecodeKernel:
         with torch.inference_mode():  # the model's own rotary module: every RoPE scaling it supports
             cos, sin = self.model.model.rotary_emb(torch.zeros(1), torch.arange(capacity)[None])  # (1, T, hd)
         self.cos, self.sin = cos[0].numpy().copy(), sin[0].numpy().copy()
+        # Each layer's arguments but x and the position, bound once: a step is then 61 plain calls.
+        self.calls = [
+            ((self.h, self.qkv, self.att, *attention, kc[i], vc[i], self.cos, self.sin), (self.h, self.act, *mlp))
+            for i, (attention, mlp) in enumerate(self.layers)
+        ]  # kc[i], vc[i]: (nkv, T, hd)
 
     def step(self, token: int) -> torch.Tensor:
         """Feed ``token`` at the next position; the next-token logits, shape (1, V)."""
@@ -203,11 +208,9 @@ class DecodeKernel:
             self._allocate(2 * self.length)
         numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
         x, pos = self.embed[token].copy(), self.length  # (H,)
-        rope = (self.cos, self.sin, pos, self.scale, self.eps)
-        for i, (attention, mlp) in enumerate(self.layers):
-            kv = (self.kc[i], self.vc[i])  # (nkv, T, hd) each
-            _attention_block(x, self.h, self.qkv, self.att, *attention, *kv, *rope)
-            _mlp_block(x, self.h, self.act, *mlp, self.eps)
+        for attention, mlp in self.calls:
+            _attention_block(x, *attention, pos, self.scale, self.eps)
+            _mlp_block(x, *mlp, self.eps)
         logits = np.empty(self.head.shape[0], np.float32)  # fresh each step: callers may keep it
         _output(x, self.h, self.norm, self.head, self.eps, logits)
         self.length += 1
