@@ -93,3 +93,20 @@ def test_decoder_uses_the_kernel_for_one_sample_only(tiny_lm, monkeypatch):
     assert off.kernel is None
     token = torch.tensor([3])
     torch.testing.assert_close(one.step(token), off.step(token), atol=1e-4, rtol=1e-4)
+
+
+def test_the_kernel_keeps_torch_thread_count(tiny_model_dir):
+    """numba's OpenMP pool shares libgomp with torch; starting it must not undo --threads 1."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, nexttok\n"
+        "from nexttok.generate import generate; from nexttok.sampling import SamplingConfig\n"
+        "lm = nexttok.load(sys.argv[1], threads=1)\n"
+        "steps = list(generate(lm, 'To be', SamplingConfig(temperature=0, max_new_tokens=3, ignore_eos=True)))\n"
+        "from nexttok import engine; d = engine.Decoder(lm); d.prefill([5, 6]); assert d.kernel is not None\n"
+        "print(torch.get_num_threads(), len(steps))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "3"]

@@ -24,6 +24,19 @@ from numba import njit, prange
 # Reassociation lets LLVM vectorize the dot products; no-NaN/no-inf assumptions are left out.
 _MATH = {"reassoc", "contract", "nsz", "arcp"}
 _MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _start_threads() -> None:
+    """Start numba's thread pool now, keeping torch's thread count (``--threads``).
+
+    numba's OpenMP layer sets the OpenMP thread count when its pool starts, and torch's wheel uses the
+    same libgomp (same soname, one copy per process): without this, a process at 1 thread went to 2."""
+    threads = torch.get_num_threads()
+    numba.get_num_threads()  # starts the pool
+    torch.set_num_threads(threads)
+
+
+_start_threads()
 _ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
