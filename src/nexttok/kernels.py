@@ -4,9 +4,9 @@ Why it exists: a decode step of one sample is a chain of matrix-vector products,
 the weights from memory once per token. On the CPUs measured (docs/generate.md), torch's kernels
 (MKL, oneDNN) read the weights at 8-22 GB/s where the memory gives 30-50; a plain loop over weight
 rows, compiled with reassociation allowed (so it vectorizes) and split over the threads, streams
-them at the memory's rate. One compiled call also runs a whole layer (norm, q/k/v, RoPE, attention
-over the cache, o, norm, gate/up, down), so a step costs 31 calls instead of ~400 module and
-operator dispatches.
+them at the memory's rate. One compiled call runs a whole attention block (norm, q/k/v, RoPE,
+attention over the cache, o) and one an MLP block (norm, gate/up, down), so a step costs 61 calls
+instead of ~400 module and operator dispatches.
 
 This is not a second model: the weights are the Hugging Face model's own tensors, read in place;
 the prompt's prefill, loading, saving and training stay the HF model's. Tests check the logits
@@ -24,6 +24,7 @@ from numba import njit, prange
 # Reassociation lets LLVM vectorize the dot products; no-NaN/no-inf assumptions are left out.
 _MATH = {"reassoc", "contract", "nsz", "arcp"}
 _MLP = ("gate_proj", "up_proj", "down_proj")
+_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
 def _start_threads() -> None:
@@ -37,7 +38,6 @@ def _start_threads() -> None:
 
 
 _start_threads()
-_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
 @njit(fastmath=_MATH, inline="always")
@@ -158,7 +158,7 @@ def unsupported(model: torch.nn.Module) -> str | None:
 def _array(t: torch.Tensor | None, size: int = 0) -> np.ndarray:
     if t is None:
         return np.zeros(size, dtype=np.float32)
-    return np.ascontiguousarray(t.detach().numpy())  # a view of the weight, not a copy
+    return np.ascontiguousarray(t.detach().numpy())  # a view of a contiguous weight (the usual case), not a copy
 
 
 class DecodeKernel:
