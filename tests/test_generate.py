@@ -24,7 +24,9 @@ def greedy(n: int, **kw) -> SamplingConfig:
     return SamplingConfig(temperature=0, max_new_tokens=n, ignore_eos=True, **kw)
 
 
-def test_greedy_equals_hf_generate(tiny_lm):
+@pytest.mark.parametrize("numba", ["1", "0"])  # the compiled one-sample step (kernels.py), and the torch path
+def test_greedy_equals_hf_generate(tiny_lm, numba, monkeypatch):
+    monkeypatch.setenv("NEXTTOK_NUMBA", numba)
     ids = tiny_lm.encode(PROMPT)
     ours = ids_of(generate(tiny_lm, ids, greedy(40)))
     hf = tiny_lm.model.generate(torch.tensor([ids]), max_new_tokens=40, min_new_tokens=40, do_sample=False)
@@ -79,10 +81,12 @@ def test_decode_linear_kernels_agree_with_nn_linear(threads):
         torch.set_num_threads(before)
 
 
-def test_cached_logits_equal_recomputed_logits(tiny_lm):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_cached_logits_equal_recomputed_logits(tiny_lm, kernel):
     ids = tiny_lm.encode(PROMPT)
-    decoder = Decoder(tiny_lm)
+    decoder = Decoder(tiny_lm, kernel=kernel)
     logits = decoder.prefill(ids)[0]
+    assert (decoder.kernel is not None) == kernel
     seq = list(ids)
     for _ in range(12):
         torch.testing.assert_close(logits, tiny_lm.last_logits(seq).float(), atol=1e-4, rtol=1e-4)
