@@ -101,16 +101,74 @@ def test_gguf_file_loads_directly():
 
 
 def test_load_freezes_the_collector_at_exit_only(tiny_model_dir):
-    """load() leaves the process's final collections nothing to walk, and changes nothing before exit."""
+    """A library user's load() leaves the process's final collections nothing to walk, and freezes nothing
+    before exit (import freezes the modules it brought; the console script also freezes after loading)."""
     import subprocess
     import sys
 
     code = (
         "import atexit, gc, nexttok\n"
+        "imported = gc.get_freeze_count()\n"
         f"lm = nexttok.load({str(tiny_model_dir)!r})\n"
-        "before = gc.get_freeze_count()\n"
+        "loaded = gc.get_freeze_count()\n"
         "atexit._run_exitfuncs()\n"
-        "print(before, gc.get_freeze_count() > 10000)\n"
+        "print(imported > 10000, loaded <= imported, gc.get_freeze_count() > loaded)\n"  # frozen objects can be freed
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["0", "True"]
+    assert out.split() == ["True", "True", "True"]
+
+
+def test_import_and_load_pause_the_collector_and_restore_it(tiny_model_dir):
+    """Start-up runs (almost) no collections (see _gc.py; ~900 ran before) and hands the collector back as
+    the caller had it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import atexit, collections.abc, contextlib, functools, gc, sys\n"  # what _gc.py needs before it pauses
+        "runs = []\n"
+        "gc.callbacks.append(lambda phase, info: runs.append(1) if phase == 'start' else None)\n"
+        "if sys.argv[2] == 'off': gc.disable()\n"
+        "import nexttok\n"
+        "after_import = len(runs)\n"
+        "lm = nexttok.load(sys.argv[1])\n"
+        # Loading the package's own code comes before the pause can start; after load, one young-generation pass.
+        "print(after_import <= 2, len(runs) - after_import <= 1, gc.isenabled())\n"
+    )
+    for state, enabled in (("on", "True"), ("off", "False")):
+        out = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir), state], capture_output=True, text=True)
+        assert out.stdout.split() == ["True", "True", enabled], out.stderr
+
+
+def test_paused_freezes_on_request_and_restores_on_error():
+    import gc
+
+    from nexttok import _gc
+
+    before = gc.get_freeze_count()
+    try:
+        with _gc.paused(freeze=True):
+            assert not gc.isenabled()
+            kept = [[i] for i in range(1000)]  # noqa: F841 (alive at the end of the block: frozen)
+            raise KeyError("boom")
+    except KeyError:
+        pass
+    assert gc.isenabled() and gc.get_freeze_count() >= before + 1000
+    gc.unfreeze()  # give this test process its usual collector back
+
+
+def test_console_script_setting_freezes_after_load(tiny_model_dir):
+    """What cli.main() turns on: the loaded model's objects move to the permanent generation."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gc, sys, nexttok\n"
+        "from nexttok import _gc, cli\n"
+        "_gc.freeze_after_load = True\n"
+        "before = gc.get_freeze_count()\n"
+        "lm = nexttok.load(sys.argv[1])\n"
+        "print(gc.get_freeze_count() > before + 1000, gc.isenabled())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True)
+    assert out.stdout.split() == ["True", "True"], out.stderr

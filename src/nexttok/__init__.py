@@ -1,24 +1,27 @@
 """nexttok: next-token prediction made visible — a language model is a classifier over its
 vocabulary, run in a loop."""
 
-from nexttok.distribution import Distribution, Row, TokenProb
-from nexttok.errors import NexttokError
-from nexttok.generate import Step, generate
-from nexttok.lm import LM, load
-from nexttok.processors import (
-    FrequencyPenalty,
-    LogitBias,
-    MinP,
-    PresencePenalty,
-    RepetitionPenalty,
-    Temperature,
-    TopK,
-    TopP,
-    Typical,
-    build_processors,
-)
-from nexttok.sampling import SamplingConfig
-from nexttok.train import BatchSource, FitResult, TrainConfig, fit
+from nexttok import _gc
+
+with _gc.paused(freeze=True):  # torch and friends: modules live as long as the process (_gc.py)
+    from nexttok.distribution import Distribution, Row, TokenProb
+    from nexttok.errors import NexttokError
+    from nexttok.generate import Step, generate
+    from nexttok.lm import LM, load
+    from nexttok.processors import (
+        FrequencyPenalty,
+        LogitBias,
+        MinP,
+        PresencePenalty,
+        RepetitionPenalty,
+        Temperature,
+        TopK,
+        TopP,
+        Typical,
+        build_processors,
+    )
+    from nexttok.sampling import SamplingConfig
+    from nexttok.train import BatchSource, FitResult, TrainConfig, fit
 
 __all__ = ["LM", "Distribution", "NexttokError", "Row", "TokenProb", "load"]
 __all__ += ["SamplingConfig", "Step", "build_processors", "generate"]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import atexit
-import gc
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
 
+from nexttok import _gc
 from nexttok.distribution import Distribution
 from nexttok.errors import NexttokError
 from nexttok.models import ModelSource, load_model_and_tokenizer
@@ -153,21 +152,11 @@ class LM:
 def load(model: str | None = None, dtype: str = "float32", threads: int | None = None) -> LM:
     """Load a model: ``default`` (or ``None``: ``$NEXTTOK_MODEL``, else the packaged SmolLM2-135M-Instruct),
     a local HF folder, a ``.gguf`` file, or a hub id (online only)."""
-    from transformers.utils import logging as hf_logging
+    with _gc.paused(freeze=_gc.freeze_after_load):  # ~400,000 new objects: no collections while they arrive
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    lm = LM(*load_model_and_tokenizer(model, dtype=dtype, threads=threads))
-    _quick_exit()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        lm = LM(*load_model_and_tokenizer(model, dtype=dtype, threads=threads))
+    _gc.freeze_at_exit()
     return lm
-
-
-@lru_cache(maxsize=1)  # once per process
-def _quick_exit() -> None:
-    """At exit, freeze the garbage collector's view of every object before Python's final collections.
-
-    With torch and transformers loaded, the interpreter's last collections walk some 400,000 objects:
-    about 1 s of a ~5 s process (measured). Frozen objects are skipped. Nothing else changes while the
-    process runs; objects still alive at exit are then freed by reference counting as before, and only
-    reference cycles among them go unfinalized, which Python never promised at exit anyway."""
-    atexit.register(gc.freeze)

@@ -13,6 +13,7 @@ import sys
 import typer
 from typer.core import TyperGroup
 
+from nexttok import _gc
 from nexttok.errors import NexttokError
 
 
@@ -38,10 +39,11 @@ app = typer.Typer(
 )
 
 # Verb modules register their commands on `app` when imported.
-from nexttok.cli import finetune as _finetune  # noqa: E402,F401
-from nexttok.cli import generate as _generate  # noqa: E402,F401
-from nexttok.cli import predict as _predict  # noqa: E402,F401
-from nexttok.cli import train as _train  # noqa: E402,F401
+with _gc.paused(freeze=True):  # their imports (datasets, peft, ...): see _gc.py
+    from nexttok.cli import finetune as _finetune  # noqa: E402,F401
+    from nexttok.cli import generate as _generate  # noqa: E402,F401
+    from nexttok.cli import predict as _predict  # noqa: E402,F401
+    from nexttok.cli import train as _train  # noqa: E402,F401
 
 # Verbs that load a model, print and write only files they have closed. After them the interpreter's
 # own teardown of torch and transformers is skipped: it took ~1 s of a ~5 s `nexttok predict` (measured).
@@ -51,6 +53,7 @@ QUICK_VERBS = {"predict", "tokenize", "generate", "chat", "compare", "mask-previ
 
 def main() -> None:
     """The console script (and ``python -m nexttok``)."""
+    _gc.freeze_after_load = True  # this process holds nothing but ours (_gc.py)
     code: int | str | None = 0
     try:
         app()
