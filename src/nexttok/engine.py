@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from nexttok import _gc
+
 if TYPE_CHECKING:
     from nexttok.lm import LM
 
@@ -156,7 +158,8 @@ class Decoder:
 def _decode_kernel(model: nn.Module, cache, length: int):
     """kernels.DecodeKernel for ``model`` when it covers it and numba imports; None otherwise (the torch path)."""
     try:
-        from nexttok import kernels
+        with _gc.paused(freeze=_gc.freeze_after_load):  # numba and llvmlite: many long-lived objects (_gc.py)
+            from nexttok import kernels
     except ImportError:  # numba missing or broken on this platform
         return None
     return None if kernels.unsupported(model) else kernels.DecodeKernel(model, cache, length)
