@@ -86,9 +86,10 @@ def main() -> None:
         for name, (n, kw) in SETTINGS.items():
             pair = [("ours", ours), ("hf", peer)]
             for side, fn in pair if r % 2 == 0 else pair[::-1]:
-                before = bandwidth() if (name, side) == ("greedy", "ours") else 0.0
+                paired = (name, side) == ("greedy", "ours")  # the run the ceiling fraction is about
+                before = bandwidth() if paired else 0.0
                 times[name][side].append(timed(fn, lm, ids, n, kw, new, r))
-                if (name, side) == ("greedy", "ours"):
+                if paired:
                     bws.append((before, bandwidth()))
     report(lm, times, bws, new)
 
