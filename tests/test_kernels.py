@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -110,3 +112,54 @@ def test_the_kernel_keeps_torch_thread_count(tiny_model_dir):
     )
     out = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["1", "3"]
+
+
+def test_summary_equals_torch_over_several_chunks_and_ties():
+    """The statistics the kernel computes per chunk of the output layer, combined, equal torch's over
+    the whole vocabulary: 1000 ids make 8 chunks (the last one partial). The last step has every
+    logit equal (the final norm's weight zeroed: the kernel reads the weights in place)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**(SMALL | {"vocab_size": 1000}), num_key_value_heads=2)).eval()
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(torch.tensor([[5, 9, 2]]), cache=cache, use_cache=True)
+    kernel = kernels.DecodeKernel(model, cache, 3)
+    for token in (4, 17, 900):
+        if token == 900:
+            with torch.no_grad():
+                model.model.norm.weight.zero_()
+        logits = kernel.step(token)[0].double()
+        s = kernel.summary(5)
+        logp = torch.log_softmax(logits, -1)
+        assert s.argmax == int(logits.argmax())  # the first of equal maxima, as torch's
+        assert s.logsumexp == pytest.approx(float(torch.logsumexp(logits, -1)), abs=1e-9)
+        assert s.entropy == pytest.approx(float(-(logp.exp() * logp).sum()), abs=1e-9)
+        order = sorted(range(1000), key=lambda i: (-float(logits[i]), i))[:5]  # ties by id
+        assert s.top_ids.tolist() == order
+        assert s.top_logits.tolist() == logits[order].tolist()
+    assert s.top_ids.tolist() == [0, 1, 2, 3, 4] and s.entropy == pytest.approx(math.log(1000))
+
+
+def test_steps_from_the_kernel_equal_the_torch_path(tiny_lm, monkeypatch):
+    """Probability, rank, entropy, alternatives and the sampled token's probability come from the
+    kernel's summary on its path; they equal the torch path's, greedy and sampled (with stages)."""
+    from nexttok.generate import generate
+    from nexttok.sampling import SamplingConfig
+
+    ids = tiny_lm.encode("To be, or not to be")
+    for config in (
+        SamplingConfig(temperature=0, max_new_tokens=12, ignore_eos=True),
+        SamplingConfig(temperature=1.5, top_k=40, max_new_tokens=12, ignore_eos=True, seed=3),
+    ):
+        runs = {}
+        for numba in ("1", "0"):
+            monkeypatch.setenv("NEXTTOK_NUMBA", numba)
+            runs[numba] = list(generate(tiny_lm, ids, config, alternatives=4))
+        assert [s.id for s in runs["1"]] == [s.id for s in runs["0"]]
+        assert any(s.rank > 1 for s in runs["1"]) or config.greedy  # the sampled run also took lower ranks
+        for a, b in zip(runs["1"], runs["0"], strict=True):
+            assert (a.rank, [x.id for x in a.alternatives]) == (b.rank, [x.id for x in b.alternatives])
+            for field in ("prob", "logprob", "entropy", "sampled_prob"):
+                assert getattr(a, field) == pytest.approx(getattr(b, field), abs=1e-4)

@@ -129,6 +129,7 @@ class Decoder:
         self.forward_calls = 0
         self._hf_model = lm.model
         self.kernel = None  # the compiled one-sample step (kernels.py), when it covers the model
+        self._kernel_made_last = False  # whether the last logits returned came from self.kernel
         self._use_kernel = fast and kernel and os.environ.get("NEXTTOK_NUMBA", "1") != "0"
 
     @torch.inference_mode()
@@ -139,6 +140,7 @@ class Decoder:
         return self.model.lm_head(hidden[:, -1]).float()  # (B, V): only the last position is projected
 
     def prefill(self, ids: list[int], batch: int = 1) -> torch.Tensor:
+        self._kernel_made_last = False
         logits = self._forward(torch.tensor([ids], device=self.model.device))  # (1, V)
         if batch > 1:
             # One prompt, many samples: copy the prompt's keys/values instead of recomputing them.
@@ -151,8 +153,14 @@ class Decoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             self.forward_calls += 1
+            self._kernel_made_last = True
             return self.kernel.step(int(tokens.view(-1)[0]))  # (1, V)
         return self._forward(tokens.view(-1, 1).to(self.model.device))  # (B, 1) -> (B, V)
+
+    def summary(self, top: int):
+        """The last logits' ``kernels.Summary`` (argmax, logsumexp, entropy, ``top`` highest), which the
+        compiled kernel computes while they are in cache; None when torch made them."""
+        return self.kernel.summary(top) if self._kernel_made_last else None
 
 
 def _decode_kernel(model: nn.Module, cache, length: int):

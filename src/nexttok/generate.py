@@ -133,8 +133,11 @@ class _Row:
     done: bool = False
 
 
-def _describe(logits: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor, top: int) -> dict[str, list]:
-    """Per-row statistics of the chosen tokens, batched and moved to Python in one go."""
+def _describe(logits: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor, top: int, summary=None) -> dict:
+    """Per-row statistics of the chosen tokens, batched and moved to Python in one go. With the
+    compiled kernel's ``summary`` of the (one) row, no further pass over the vocabulary is needed."""
+    if summary is not None:
+        return _describe_summary(logits[0], None if scores is logits else scores[0], int(chosen[0]), summary)
     logp = torch.log_softmax(logits, dim=-1)  # (B, V): the model's own distribution
     chosen_lp = logp.gather(1, chosen[:, None])  # (B, 1)
     alt_lp, alt_ids = torch.topk(logp, top, dim=-1)  # (B, top)
@@ -146,6 +149,19 @@ def _describe(logits: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor, 
         "alt_lp": alt_lp.tolist(),
         "alt_ids": alt_ids.tolist(),
     }
+
+
+def _describe_summary(logits: torch.Tensor, scores: torch.Tensor | None, chosen: int, summary) -> dict[str, list]:
+    """_describe for one row of (V,) ``logits`` from the kernel's summary (same fields, same ranks);
+    ``scores`` None when no stage changed them."""
+    value = logits[chosen].item()
+    lp = value - summary.logsumexp
+    rank = 1 if value >= summary.top_logits[0] else int((logits > value).sum()) + 1
+    sampled = math.exp(lp) if scores is None else torch.softmax(scores, -1)[chosen].item()
+    return {
+        "logprob": [lp], "rank": [rank], "entropy": [summary.entropy], "sampled": [sampled],
+        "alt_lp": [(summary.top_logits - summary.logsumexp).tolist()], "alt_ids": [summary.top_ids.tolist()],
+    }  # fmt: skip
 
 
 def _finish(row: _Row, token: int, eos: set[int], last: bool) -> tuple[str, str | None]:
@@ -237,8 +253,12 @@ def _loop(
     logits = decoder.prefill(ids, n)  # (B, V)
     for index in range(config.max_new_tokens):
         scores, records = apply(stages, context, logits, trace)
-        chosen = sample(scores, generators)  # (B,)
-        info = _describe(logits, scores, chosen, top)
+        summary = decoder.summary(top)  # None unless the compiled one-sample kernel made these logits
+        if summary is not None and generators is None and scores is logits:
+            chosen = torch.tensor([summary.argmax])  # greedy without stages: the kernel's argmax
+        else:
+            chosen = sample(scores, generators)  # (B,)
+        info = _describe(logits, scores, chosen, top, summary)
         ctx = {"index": index, "position": len(ids) + index, "eos": eos, "records": records}
         ctx["last"] = index + 1 == config.max_new_tokens
         yield from _step_records(lm, rows, chosen.tolist(), info, ctx)
