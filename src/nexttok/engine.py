@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nexttok import _gc
+from nexttok.hugepages import move_to_hugepages
 
 if TYPE_CHECKING:
     from nexttok.lm import LM
@@ -164,10 +165,15 @@ class Decoder:
 
 
 def _decode_kernel(model: nn.Module, cache, length: int):
-    """kernels.DecodeKernel for ``model`` when it covers it and numba imports; None otherwise (the torch path)."""
+    """kernels.DecodeKernel for ``model`` when it covers it and numba imports; None otherwise (the torch path).
+    The first time, the model's large weights move onto huge pages (hugepages.py; ``NEXTTOK_HUGEPAGES=0``: not)."""
     try:
         with _gc.paused(freeze=_gc.freeze_after_load):  # numba and llvmlite: many long-lived objects (_gc.py)
             from nexttok import kernels
     except ImportError:  # numba missing or broken on this platform
         return None
-    return None if kernels.unsupported(model) else kernels.DecodeKernel(model, cache, length)
+    if kernels.unsupported(model):
+        return None
+    if os.environ.get("NEXTTOK_HUGEPAGES", "1") != "0":
+        move_to_hugepages(model)
+    return kernels.DecodeKernel(model, cache, length)

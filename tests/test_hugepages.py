@@ -1,0 +1,98 @@
+"""Large weights move onto huge-page mappings in place: same values, same Parameter objects, tied weights
+stay tied, the model still saves and loads, and the mapping is eligible for transparent huge pages."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import pytest
+import torch
+
+from nexttok.hugepages import HUGE, move_to_hugepages
+
+pytestmark = pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no MADV_HUGEPAGE on this platform")
+
+
+def model_with_a_large_embedding() -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        vocab_size=3840, hidden_size=128, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    return tf.LlamaForCausalLM(config).eval()  # embedding 3840 x 128 x 4 B = 1.875 MiB: rounds to one page
+
+
+def vma_field(address: int, field: str) -> int:
+    """``field`` of the /proc/self/smaps entry whose range holds ``address``."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if lo <= address < hi:
+                for entry in lines[i + 1 :]:
+                    if entry.startswith(field + ":"):
+                        return int(entry.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def test_large_weights_move_in_place_and_logits_stay(tmp_path):
+    model = model_with_a_large_embedding()
+    embed = model.model.embed_tokens.weight
+    small = model.model.layers[0].mlp.gate_proj.weight  # 64 x 128: rounding up would waste too much
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.tensor([[1, 5, 9, 200, 3000]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    small_ptr = small.data_ptr()
+
+    moved = move_to_hugepages(model)
+
+    assert moved == embed.numel() * 4  # the embedding alone, counted once though tied to the output layer
+    assert embed.data_ptr() % HUGE == 0 and small.data_ptr() == small_ptr
+    assert model.lm_head.weight is embed  # still tied: the same Parameter object
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, atol=0, rtol=0)
+    assert move_to_hugepages(model) == 0  # once per model
+    if "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
+        assert vma_field(embed.data_ptr(), "THPeligible") == 1
+
+    model.save_pretrained(tmp_path)  # own storage per parameter: safetensors saves it as any tensor
+    import transformers as tf
+
+    again = tf.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    for n, p in again.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_training_updates_moved_weights_in_place():
+    """Even when the move ran under inference mode (a generate() inside it), the model trains after."""
+    model = model_with_a_large_embedding()
+    with torch.inference_mode():
+        assert move_to_hugepages(model) > 0
+    embed = model.model.embed_tokens.weight
+    ptr, old = embed.data_ptr(), embed.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    opt.step()
+    assert embed.data_ptr() == ptr and not torch.equal(embed, old)
+
+
+@pytest.mark.parametrize("setting", ["1", "0"])
+def test_the_decode_kernel_moves_the_weights_unless_turned_off(setting, monkeypatch):
+    from transformers import DynamicCache
+
+    from nexttok import engine
+
+    monkeypatch.setenv("NEXTTOK_HUGEPAGES", setting)
+    model = model_with_a_large_embedding()
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(torch.tensor([[4, 8]]), cache=cache, use_cache=True)
+    assert engine._decode_kernel(model, cache, 2) is not None
+    assert (model.model.embed_tokens.weight.data_ptr() % HUGE == 0) == (setting == "1")
