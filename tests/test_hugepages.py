@@ -84,15 +84,27 @@ def test_training_updates_moved_weights_in_place():
 
 
 @pytest.mark.parametrize("setting", ["1", "0"])
-def test_the_decode_kernel_moves_the_weights_unless_turned_off(setting, monkeypatch):
-    from transformers import DynamicCache
+def test_decoding_moves_the_weights_after_enough_kernel_steps(setting, monkeypatch):
+    """At the HUGEPAGES_AFTER-th kernel step of a model (unless turned off), mid-generation: the kernel
+    reads the moved weights from then on (an in-place update after the move shows in its logits), and its
+    logits still equal the model's own forward pass."""
+    from types import SimpleNamespace
 
     from nexttok import engine
 
     monkeypatch.setenv("NEXTTOK_HUGEPAGES", setting)
+    monkeypatch.setattr(engine, "HUGEPAGES_AFTER", 3)
     model = model_with_a_large_embedding()
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        model(torch.tensor([[4, 8]]), cache=cache, use_cache=True)
-    assert engine._decode_kernel(model, cache, 2) is not None
-    assert (model.model.embed_tokens.weight.data_ptr() % HUGE == 0) == (setting == "1")
+    ours, seq = engine.Decoder(SimpleNamespace(model=model)), [4, 8]
+    ours.prefill(seq)
+    assert ours.kernel is not None
+    for i, token in enumerate([5, 17, 300, 2, 9]):
+        on_huge = model.model.embed_tokens.weight.data_ptr() % HUGE == 0
+        assert on_huge == (setting == "1" and i >= 3)  # moved during the third step
+        if i == 4:  # an in-place update of the (moved) weights: the kernel must read their new home
+            with torch.no_grad():  # rows of ids not fed so far: the cached keys and values stay valid
+                model.lm_head.weight[1000:].mul_(2.0)
+        seq.append(token)
+        with torch.no_grad():
+            reference = model(torch.tensor([seq])).logits[:, -1]
+        torch.testing.assert_close(ours.step(torch.tensor([token])), reference, atol=1e-4, rtol=1e-4)

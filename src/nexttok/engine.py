@@ -155,6 +155,8 @@ class Decoder:
         if self.kernel is not None:
             self.forward_calls += 1
             self._kernel_made_last = True
+            if _hugepages_due(self._hf_model) and move_to_hugepages(self._hf_model):
+                self.kernel.rebind()  # the weights now live elsewhere
             return self.kernel.step(int(tokens.view(-1)[0]))  # (1, V)
         return self._forward(tokens.view(-1, 1).to(self.model.device))  # (B, 1) -> (B, V)
 
@@ -164,16 +166,24 @@ class Decoder:
         return self.kernel.summary(top) if self._kernel_made_last else None
 
 
+# The kernel's decode moves the model's large weights onto huge pages (hugepages.py: 5-9% per token) once
+# this process has decoded this many tokens of it: the move costs ~1 s on the VM measured, so a one-shot
+# `nexttok generate` of a few hundred tokens never pays it, and a chat, a server or a benchmark soon does.
+HUGEPAGES_AFTER = 512
+
+
+def _hugepages_due(model: nn.Module) -> bool:
+    """Count one kernel step of ``model``; True at the HUGEPAGES_AFTER-th (``NEXTTOK_HUGEPAGES=0``: never)."""
+    steps = getattr(model, "_nexttok_kernel_steps", 0) + 1
+    model._nexttok_kernel_steps = steps  # a plain attribute: not a parameter, not in the state dict
+    return steps == HUGEPAGES_AFTER and os.environ.get("NEXTTOK_HUGEPAGES", "1") != "0"
+
+
 def _decode_kernel(model: nn.Module, cache, length: int):
-    """kernels.DecodeKernel for ``model`` when it covers it and numba imports; None otherwise (the torch path).
-    The first time, the model's large weights move onto huge pages (hugepages.py; ``NEXTTOK_HUGEPAGES=0``: not)."""
+    """kernels.DecodeKernel for ``model`` when it covers it and numba imports; None otherwise (the torch path)."""
     try:
         with _gc.paused(freeze=_gc.freeze_after_load):  # numba and llvmlite: many long-lived objects (_gc.py)
             from nexttok import kernels
     except ImportError:  # numba missing or broken on this platform
         return None
-    if kernels.unsupported(model):
-        return None
-    if os.environ.get("NEXTTOK_HUGEPAGES", "1") != "0":
-        move_to_hugepages(model)
-    return kernels.DecodeKernel(model, cache, length)
+    return None if kernels.unsupported(model) else kernels.DecodeKernel(model, cache, length)

@@ -2,7 +2,8 @@
 
 A decode step of one sample reads every weight once per token. With 4 KiB pages that is ~130,000
 pages of the default model, each one a page-table walk when the TLB misses; with 2 MiB pages, ~270.
-Measured on the compiled decode step (docs/generate.md): 5-9% less time per token.
+Measured on the compiled decode step (docs/generate.md): 5-9% less time per token. The engine moves a
+model's weights once its kernel has decoded ``engine.HUGEPAGES_AFTER`` tokens (the move takes ~1 s here).
 
 Each parameter moves to its own anonymous mapping, advised for huge pages and aligned to 2 MiB, so
 parameters never share storage (saving and ``load_state_dict`` see ordinary tensors). Only those whose

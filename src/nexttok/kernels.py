@@ -366,11 +366,7 @@ class DecodeKernel:
         m = model.model
         self.model, self.length = model, length
         self.eps = np.float32(model.config.rms_norm_eps)
-        self.layers = [self._layer_arrays(layer) for layer in m.layers]  # also keeps the arrays alive
-        # (layers, 11) addresses of each layer's arrays, in the order of the _NORM1.._WD columns
-        self.addresses = np.array([[a.ctypes.data for a in arrays] for arrays in self.layers], dtype=np.int64)
-        self.norm, self.head = _array(m.norm.weight), _array(model.lm_head.weight)
-        self.embed = _array(m.embed_tokens.weight)
+        self.rebind()
         attn = m.layers[0].self_attn
         self.hd, self.nkv = attn.head_dim, model.config.num_key_value_heads
         self.scale = np.float32(attn.scaling)
@@ -390,6 +386,15 @@ class DecodeKernel:
         for i, layer in enumerate(cache.layers):  # the prompt's keys/values, (1, nkv, T, hd) each
             self.kc[i, :, :length] = layer.keys[0].numpy()
             self.vc[i, :, :length] = layer.values[0].numpy()
+
+    def rebind(self) -> None:
+        """Read the model's weight arrays (again: after their storage moved, e.g. onto huge pages)."""
+        m = self.model.model
+        self.layers = [self._layer_arrays(layer) for layer in m.layers]  # also keeps the arrays alive
+        # (layers, 11) addresses of each layer's arrays, in the order of the _NORM1.._WD columns
+        self.addresses = np.array([[a.ctypes.data for a in arrays] for arrays in self.layers], dtype=np.int64)
+        self.norm, self.head = _array(m.norm.weight), _array(self.model.lm_head.weight)
+        self.embed = _array(m.embed_tokens.weight)
 
     @staticmethod
     def _layer_arrays(layer) -> tuple:
