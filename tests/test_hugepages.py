@@ -68,6 +68,10 @@ def test_large_weights_move_in_place_and_logits_stay(tmp_path):
     again = tf.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     for n, p in again.named_parameters():
         assert torch.equal(p, before[n])
+    torch.save(model.state_dict(), tmp_path / "state.pt")  # and pickles (a training checkpoint's way)
+    assert torch.equal(
+        torch.load(tmp_path / "state.pt")["model.embed_tokens.weight"], before["model.embed_tokens.weight"]
+    )
 
 
 def test_training_updates_moved_weights_in_place():
