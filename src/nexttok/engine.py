@@ -130,7 +130,6 @@ class Decoder:
         self.forward_calls = 0
         self._hf_model = lm.model
         self.kernel = None  # the compiled one-sample step (kernels.py), when it covers the model
-        self._kernel_made_last = False  # whether the last logits returned came from self.kernel
         self._use_kernel = fast and kernel and os.environ.get("NEXTTOK_NUMBA", "1") != "0"
 
     @torch.inference_mode()
@@ -141,7 +140,7 @@ class Decoder:
         return self.model.lm_head(hidden[:, -1]).float()  # (B, V): only the last position is projected
 
     def prefill(self, ids: list[int], batch: int = 1) -> torch.Tensor:
-        self._kernel_made_last = False
+        self.kernel = None  # a new sequence: no kernel built for an earlier one applies
         logits = self._forward(torch.tensor([ids], device=self.model.device))  # (1, V)
         if batch > 1:
             # One prompt, many samples: copy the prompt's keys/values instead of recomputing them.
@@ -154,7 +153,6 @@ class Decoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             self.forward_calls += 1
-            self._kernel_made_last = True
             if _hugepages_due(self._hf_model) and move_to_hugepages(self._hf_model):
                 self.kernel.rebind()  # the weights now live elsewhere
             return self.kernel.step(int(tokens.view(-1)[0]))  # (1, V)
@@ -163,7 +161,7 @@ class Decoder:
     def summary(self, top: int):
         """The last logits' ``kernels.Summary`` (argmax, logsumexp, entropy, ``top`` highest), which the
         compiled kernel computes while they are in cache; None when torch made them."""
-        return self.kernel.summary(top) if self._kernel_made_last else None
+        return None if self.kernel is None else self.kernel.summary(top)
 
 
 # The kernel's decode moves the model's large weights onto huge pages (hugepages.py: 5-9% per token) once

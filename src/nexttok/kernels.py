@@ -435,6 +435,6 @@ class DecodeKernel:
         self.length += 1
         return torch.from_numpy(logits)[None]
 
-    def summary(self, top: int) -> Summary:
-        """The last step's :class:`Summary`, with the ``top`` highest logits."""
-        return Summary(*_summarize(*self._out, top))
+    def summary(self, top: int) -> Summary | None:
+        """The last step's :class:`Summary`, with the ``top`` highest logits; None before the first step."""
+        return None if self._out[0] is None else Summary(*_summarize(*self._out, top))
