@@ -1,5 +1,6 @@
-"""Large weights move onto huge-page mappings in place: same values, same Parameter objects, tied weights
-stay tied, the model still saves and loads, and the mapping is eligible for transparent huge pages."""
+"""The weights move into one huge-page arena in place, back to back in reading order: same values, same
+Parameter objects, tied weights stay tied, the model still saves, loads and trains, and the mapping is
+eligible for transparent huge pages."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def model_with_a_large_embedding() -> torch.nn.Module:
         vocab_size=3840, hidden_size=128, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, tie_word_embeddings=True,
     )  # fmt: skip
-    return tf.LlamaForCausalLM(config).eval()  # embedding 3840 x 128 x 4 B = 1.875 MiB: rounds to one page
+    return tf.LlamaForCausalLM(config).eval()  # embedding 3840 x 128 x 4 B = 1.875 MiB
 
 
 def vma_field(address: int, field: str) -> int:
@@ -39,20 +40,21 @@ def vma_field(address: int, field: str) -> int:
     raise AssertionError(f"no mapping holds {address:#x}")
 
 
-def test_large_weights_move_in_place_and_logits_stay(tmp_path):
+def test_weights_move_in_place_in_reading_order_and_logits_stay(tmp_path):
     model = model_with_a_large_embedding()
     embed = model.model.embed_tokens.weight
-    small = model.model.layers[0].mlp.gate_proj.weight  # 64 x 128: rounding up would waste too much
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids = torch.tensor([[1, 5, 9, 200, 3000]])
     with torch.no_grad():
         logits = model(ids).logits
-    small_ptr = small.data_ptr()
 
     moved = move_to_hugepages(model)
 
-    assert moved == embed.numel() * 4  # the embedding alone, counted once though tied to the output layer
-    assert embed.data_ptr() % HUGE == 0 and small.data_ptr() == small_ptr
+    params = list(model.parameters())  # each tied parameter once: the embedding is also the output layer
+    assert moved == sum(p.numel() * 4 for p in params)
+    assert embed.data_ptr() % HUGE == 0  # the arena's start
+    for p, after in zip(params[:-1], params[1:], strict=True):  # back to back, each from a cache line's start
+        assert after.data_ptr() == p.data_ptr() + -(-p.numel() * 4 // 64) * 64
     assert model.lm_head.weight is embed  # still tied: the same Parameter object
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n])
@@ -62,7 +64,7 @@ def test_large_weights_move_in_place_and_logits_stay(tmp_path):
     if "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
         assert vma_field(embed.data_ptr(), "THPeligible") == 1
 
-    model.save_pretrained(tmp_path)  # own storage per parameter: safetensors saves it as any tensor
+    model.save_pretrained(tmp_path)  # parameters sharing one storage: HF copies them apart for safetensors
     import transformers as tf
 
     again = tf.LlamaForCausalLM.from_pretrained(tmp_path).eval()

@@ -164,7 +164,7 @@ class Decoder:
         return None if self.kernel is None else self.kernel.summary(top)
 
 
-# The kernel's decode moves the model's large weights onto huge pages (hugepages.py: 5-9% per token) once
+# The kernel's decode moves the model's weights into a huge-page arena in reading order (hugepages.py) once
 # this process has decoded this many tokens of it: the move costs ~1 s on the VM measured, so a one-shot
 # `nexttok generate` of a few hundred tokens never pays it, and a chat, a server or a benchmark soon does.
 HUGEPAGES_AFTER = 512
