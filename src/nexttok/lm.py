@@ -44,6 +44,7 @@ class LM:
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
+        self._texts: dict[int, str] = {}  # token_text's answers: a generate step asks for 4+ per token
 
     @property
     def context_length(self) -> int | None:
@@ -89,6 +90,12 @@ class LM:
 
     def token_text(self, token_id: int) -> str:
         """The text of one token; a piece of a multi-byte character shows its bytes (``\\xe2``)."""
+        text = self._texts.get(token_id)
+        if text is None:
+            text = self._texts[token_id] = self._token_text(token_id)
+        return text
+
+    def _token_text(self, token_id: int) -> str:
         text = self.tokenizer.decode([token_id])
         if "\ufffd" not in text:
             return text
