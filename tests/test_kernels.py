@@ -163,3 +163,34 @@ def test_steps_from_the_kernel_equal_the_torch_path(tiny_lm, monkeypatch):
             assert (a.rank, [x.id for x in a.alternatives]) == (b.rank, [x.id for x in b.alternatives])
             for field in ("prob", "logprob", "entropy", "sampled_prob"):
                 assert getattr(a, field) == pytest.approx(getattr(b, field), abs=1e-4)
+
+
+def test_greedy_runs_ahead_in_one_kernel_call_and_stops_at_eos(tiny_lm, monkeypatch):
+    """Greedy without stages runs up to _AHEAD kernel steps per call (never past max_new_tokens), and a
+    call ends at an end-of-turn token: no step is run after it."""
+    from nexttok import kernels
+    from nexttok.generate import _AHEAD, eos_ids, generate
+    from nexttok.sampling import SamplingConfig
+
+    calls: list[tuple[int, int]] = []  # (steps asked, steps run)
+    greedy = kernels.DecodeKernel.greedy
+
+    def recording(self, token, n, top, stop=()):
+        out = greedy(self, token, n, top, stop)
+        calls.append((n, len(out)))
+        return out
+
+    monkeypatch.setattr(kernels.DecodeKernel, "greedy", recording)
+    ids = tiny_lm.encode("To be, or not to be")
+    new = _AHEAD + 4
+    steps = list(generate(tiny_lm, ids, SamplingConfig(temperature=0, max_new_tokens=new, ignore_eos=True)))
+    assert len(steps) == new and calls == [(_AHEAD, _AHEAD), (3, 3)]  # the prefill gave the first token
+
+    tokens, already = [s.id for s in steps], eos_ids(tiny_lm)  # the tokenizer's own EOS stays one
+    end = next(i for i in range(2, new) if tokens[i] not in tokens[:i])  # a token's first appearance
+    assert not already & set(tokens[: end + 1])
+    monkeypatch.setattr(tiny_lm.model.generation_config, "eos_token_id", tokens[end])
+    calls.clear()
+    steps = list(generate(tiny_lm, ids, SamplingConfig(temperature=0, max_new_tokens=new)))
+    assert [s.id for s in steps] == tokens[: end + 1] and steps[-1].finish_reason == "eos"
+    assert sum(run for _, run in calls) == end  # steps after the prefill's token, up to the eos and no further

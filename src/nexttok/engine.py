@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+from collections.abc import Container
 from typing import TYPE_CHECKING
 
 import torch
@@ -157,6 +158,16 @@ class Decoder:
                 self.kernel.rebind()  # the weights now live elsewhere
             return self.kernel.step(int(tokens.view(-1)[0]))  # (1, V)
         return self._forward(tokens.view(-1, 1).to(self.model.device))  # (B, 1) -> (B, V)
+
+    def greedy(self, token: int, n: int, top: int, stop: Container[int] = ()) -> list:
+        """Up to ``n`` greedy steps of the compiled kernel in one call (``kernels.DecodeKernel.greedy``):
+        feed ``token``, then each step's argmax, ending after an argmax in ``stop``; each step's summary."""
+        # Counts the n steps asked for (an early end leaves the count a few ahead: it only times the move).
+        if any([_hugepages_due(self._hf_model) for _ in range(n)]) and move_to_hugepages(self._hf_model):
+            self.kernel.rebind()
+        summaries = self.kernel.greedy(token, n, top, stop)
+        self.forward_calls += len(summaries)
+        return summaries
 
     def summary(self, top: int):
         """The last logits' ``kernels.Summary`` (argmax, logsumexp, entropy, ``top`` highest), which the

@@ -133,11 +133,11 @@ class _Row:
     done: bool = False
 
 
-def _describe(logits: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor, top: int, summary=None) -> dict:
+def _describe(logits, scores, chosen: torch.Tensor, top: int, summary=None) -> dict:
     """Per-row statistics of the chosen tokens, batched and moved to Python in one go. With the
     compiled kernel's ``summary`` of the (one) row, no further pass over the vocabulary is needed."""
     if summary is not None:
-        return _describe_summary(logits[0], None if scores is logits else scores[0], int(chosen[0]), summary)
+        return _describe_summary(logits, None if scores is logits else scores, int(chosen[0]), summary)
     logp = torch.log_softmax(logits, dim=-1)  # (B, V): the model's own distribution
     chosen_lp = logp.gather(1, chosen[:, None])  # (B, 1)
     alt_lp, alt_ids = torch.topk(logp, top, dim=-1)  # (B, top)
@@ -151,13 +151,17 @@ def _describe(logits: torch.Tensor, scores: torch.Tensor, chosen: torch.Tensor, 
     }
 
 
-def _describe_summary(logits: torch.Tensor, scores: torch.Tensor | None, chosen: int, summary) -> dict[str, list]:
-    """_describe for one row of (V,) ``logits`` from the kernel's summary (same fields, same ranks);
-    ``scores`` None when no stage changed them."""
-    value = logits[chosen].item()
+def _describe_summary(logits, scores, chosen: int, summary) -> dict[str, list]:
+    """_describe for one row of (1, V) ``logits`` from the kernel's summary (same fields, same ranks);
+    ``scores`` None when no stage changed them. The argmax needs only the summary (``logits`` may be None:
+    a step run ahead keeps none)."""
+    if chosen == summary.argmax:
+        value, rank = float(summary.top_logits[0]), 1
+    else:
+        value = logits[0, chosen].item()
+        rank = 1 if value >= summary.top_logits[0] else int((logits[0] > value).sum()) + 1
     lp = value - summary.logsumexp
-    rank = 1 if value >= summary.top_logits[0] else int((logits > value).sum()) + 1
-    sampled = math.exp(lp) if scores is None else torch.softmax(scores, -1)[chosen].item()
+    sampled = math.exp(lp) if scores is None else torch.softmax(scores[0], -1)[chosen].item()
     return {
         "logprob": [lp], "rank": [rank], "entropy": [summary.entropy], "sampled": [sampled],
         "alt_lp": [(summary.top_logits - summary.logsumexp).tolist()], "alt_ids": [summary.top_ids.tolist()],
@@ -241,6 +245,11 @@ def generate(
     return _loop(lm, ids, config, stages, rows, trace, min(alternatives, lm.vocab_size))
 
 
+# Greedy steps the kernel runs in one call when nothing between two steps needs Python (greedy, no
+# stages, no trace, one sample): Steps then come in bursts of up to this many tokens (~0.1 s here).
+_AHEAD = 8
+
+
 def _loop(
     lm: LM, ids: list[int], config: SamplingConfig, stages: list, rows: list[_Row], trace: bool, top: int
 ) -> Iterator[Step]:
@@ -251,9 +260,14 @@ def _loop(
     decoder = Decoder(lm)
     context = torch.tensor([ids]).expand(n, -1)  # (B, T): what the penalties look at
     logits = decoder.prefill(ids, n)  # (B, V)
+    ahead = decoder.kernel is not None and generators is None and not stages and not trace and top > 0
+    pending: list = []  # summaries of the kernel's greedy steps run ahead, in order (their logits not kept)
     for index in range(config.max_new_tokens):
-        scores, records = apply(stages, context, logits, trace)
-        summary = decoder.summary(top)  # None unless the compiled one-sample kernel made these logits
+        if pending:
+            summary, logits, scores, records = pending.pop(0), None, None, []
+        else:
+            scores, records = apply(stages, context, logits, trace)
+            summary = decoder.summary(top)  # None unless the compiled one-sample kernel made these logits
         if summary is not None and generators is None and scores is logits:
             chosen = torch.tensor([summary.argmax])  # greedy without stages: the kernel's argmax
         else:
@@ -266,4 +280,7 @@ def _loop(
             return
         if stages:
             context = torch.cat([context, chosen[:, None]], dim=1)  # (B, T + 1)
-        logits = decoder.step(chosen)
+        if ahead and not pending:  # the next steps' tokens are their predecessors' argmax: run them now
+            pending = decoder.greedy(int(chosen[0]), min(_AHEAD, config.max_new_tokens - index - 1), top, eos)
+        elif not pending:
+            logits = decoder.step(chosen)
