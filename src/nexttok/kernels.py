@@ -271,9 +271,10 @@ def _out_chunk(c, head, h, out):
             best = i
     m, total, weighted = logits[best], 0.0, 0.0
     for i in range(lo, hi):
-        e = np.exp(np.float64(logits[i] - m))
+        z = logits[i] - m  # <= 0
+        e = np.exp(z)  # in float32 (2-3% faster per step than float64), summed in float64
         total += e
-        weighted += e * (logits[i] - m)
+        weighted += e * z
     stats[c, 0], stats[c, 1], stats[c, 2], argmax[c] = m, total, weighted, best
 
 
