@@ -154,8 +154,7 @@ class Decoder:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             self.forward_calls += 1
-            if _hugepages_due(self._hf_model) and move_to_hugepages(self._hf_model):
-                self.kernel.rebind()  # the weights now live elsewhere
+            self._move_when_due(1)
             return self.kernel.step(int(tokens.view(-1)[0]))  # (1, V)
         return self._forward(tokens.view(-1, 1).to(self.model.device))  # (B, 1) -> (B, V)
 
@@ -163,11 +162,16 @@ class Decoder:
         """Up to ``n`` greedy steps of the compiled kernel in one call (``kernels.DecodeKernel.greedy``):
         feed ``token``, then each step's argmax, ending after an argmax in ``stop``; each step's summary."""
         # Counts the n steps asked for (an early end leaves the count a few ahead: it only times the move).
-        if any([_hugepages_due(self._hf_model) for _ in range(n)]) and move_to_hugepages(self._hf_model):
-            self.kernel.rebind()
+        self._move_when_due(n)
         summaries = self.kernel.greedy(token, n, top, stop)
         self.forward_calls += len(summaries)
         return summaries
+
+    def _move_when_due(self, steps: int) -> None:
+        """Before ``steps`` more kernel steps: move the weights onto huge pages when these steps reach
+        HUGEPAGES_AFTER, and have the kernel read them from there."""
+        if _hugepages_due(self._hf_model, steps) and move_to_hugepages(self._hf_model):
+            self.kernel.rebind()  # the weights now live elsewhere
 
     def summary(self, top: int):
         """The last logits' ``kernels.Summary`` (argmax, logsumexp, entropy, ``top`` highest), which the
@@ -181,11 +185,12 @@ class Decoder:
 HUGEPAGES_AFTER = 512
 
 
-def _hugepages_due(model: nn.Module) -> bool:
-    """Count one kernel step of ``model``; True at the HUGEPAGES_AFTER-th (``NEXTTOK_HUGEPAGES=0``: never)."""
-    steps = getattr(model, "_nexttok_kernel_steps", 0) + 1
-    model._nexttok_kernel_steps = steps  # a plain attribute: not a parameter, not in the state dict
-    return steps == HUGEPAGES_AFTER and os.environ.get("NEXTTOK_HUGEPAGES", "1") != "0"
+def _hugepages_due(model: nn.Module, steps: int = 1) -> bool:
+    """Count ``steps`` kernel steps of ``model``; True when they include the HUGEPAGES_AFTER-th
+    (``NEXTTOK_HUGEPAGES=0``: never)."""
+    before = getattr(model, "_nexttok_kernel_steps", 0)
+    model._nexttok_kernel_steps = before + steps  # a plain attribute: not a parameter, not in the state dict
+    return before < HUGEPAGES_AFTER <= before + steps and os.environ.get("NEXTTOK_HUGEPAGES", "1") != "0"
 
 
 def _decode_kernel(model: nn.Module, cache, length: int):

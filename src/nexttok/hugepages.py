@@ -46,18 +46,19 @@ def move_to_hugepages(model: torch.nn.Module) -> int:
         return 0
     model._nexttok_hugepages = True  # a plain attribute: not a parameter, not in the state dict
     params = [p for p in model.parameters() if p.device.type == "cpu" and p.is_contiguous() and p.numel()]
-    offsets, total = [], 0
-    for p in params:  # each shared (tied) parameter once
-        offsets.append(total)
-        total += -(-p.numel() * p.element_size() // _ALIGN) * _ALIGN
     if not params:
         return 0
-    arena = huge_tensor(torch.empty(total, dtype=torch.uint8), -(-total // HUGE) * HUGE)
+    sizes = [p.numel() * p.element_size() for p in params]
+    offsets = [0]
+    for size in sizes:  # each shared (tied) parameter once
+        offsets.append(offsets[-1] + -(-size // _ALIGN) * _ALIGN)
+    # A meta tensor only describes the arena's shape (no memory of its own).
+    arena = huge_tensor(torch.empty(offsets[-1], dtype=torch.uint8, device="meta"), -(-offsets[-1] // HUGE) * HUGE)
     # Ordinary tensors even when called under inference mode (as a server's generate may be): the model can
     # still be trained afterwards.
     with torch.inference_mode(False), torch.no_grad():
-        for p, offset in zip(params, offsets, strict=True):
-            data = arena[offset : offset + p.numel() * p.element_size()].view(p.dtype).view(p.shape)
+        for p, offset, size in zip(params, offsets, sizes, strict=False):  # offsets has one more: the end
+            data = arena[offset : offset + size].view(p.dtype).view(p.shape)
             data.copy_(p.data)
             p.data = data
-    return sum(p.numel() * p.element_size() for p in params)
+    return sum(sizes)
