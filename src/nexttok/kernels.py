@@ -183,11 +183,38 @@ def _qkv_rows(c, wq, wk, wv, bias, h, out):
             out[i] = _dot(wv, i - nq - nk, h) + bias[i]
 
 
+_ELEMENTWISE = {"contract", "nsz", "arcp"}  # no reassociation: keeps exp's two-part reduction exact
+
+
+@njit(fastmath=_ELEMENTWISE, inline="always")
+def _silu_mul(n, g, u, e, bits, out, lo):
+    """out[lo + i] = silu(g[i]) u[i] for i < n, with exp written out as in Cephes' expf (as accurate as
+    torch's float32 SiLU, tests/test_kernels.py): it vectorizes, where numba calls expf once per row
+    (a step at the memory's faster level 0.70 -> 0.74 of the ceiling; 0.89 -> 0.90 at the slower)."""
+    for i in range(n):
+        x = min(max(-g[i], np.float32(-87.0)), np.float32(88.0))
+        k = np.floor(x * np.float32(1.44269504) + np.float32(0.5))
+        r = x - k * np.float32(0.693359375) - k * np.float32(-2.12194440e-4)  # x = k ln2 + r, |r| <= ln2/2
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        e[i] = p * r * r + r + np.float32(1.0)  # e^r
+        bits[i] = (np.int32(k) + np.int32(127)) << np.int32(23)  # 2^k as float32 bits
+    scale = bits.view(np.float32)
+    for i in range(n):
+        out[lo + i] = g[i] / (np.float32(1.0) + e[i] * scale[i]) * u[i]
+
+
 @njit(fastmath=_MATH, inline="always")
-def _gated_rows(c, wg, wu, h, out):
-    for i in range(c * _ROWS, min((c + 1) * _ROWS, wg.shape[0])):
-        g = _dot(wg, i, h)
-        out[i] = g / (np.float32(1.0) + np.exp(-g)) * _dot(wu, i, h)
+def _gated_rows(c, wg, wu, h, out, buf, bits):
+    lo, hi = c * _ROWS, min((c + 1) * _ROWS, wg.shape[0])
+    for i in range(lo, hi):
+        buf[0, i - lo] = _dot(wg, i, h)
+        buf[1, i - lo] = _dot(wu, i, h)
+    _silu_mul(hi - lo, buf[0], buf[1], buf[2], bits, out, lo)
 
 
 @njit(fastmath=_MATH)
@@ -230,6 +257,7 @@ def _worker(t, nt, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters
     hd = kc.shape[3]
     xs, hs, qkv, att, o, act, d = scratch
     x, h = xs[t], hs[t]  # this thread's copy of the residual stream and of its normed input (hidden,)
+    buf, bits = np.empty((3, _ROWS), np.float32), np.empty(_ROWS, np.int32)  # a chunk's gate, up, exp (_silu_mul)
     for layer in range(w.shape[0]):
         a, stage = w[layer], layer * _STAGES
         _rmsnorm(x, _matrix(a[_NORM1], 1, hidden)[0], eps, h)
@@ -248,7 +276,7 @@ def _worker(t, nt, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters
         _rmsnorm(x, _matrix(a[_NORM2], 1, hidden)[0], eps, h)
         wg, wu = _matrix(a[_WG], inter, hidden), _matrix(a[_WU], inter, hidden)
         for c in _chunks(counters, stage + 3, t, nt, -(-inter // _ROWS)):
-            _gated_rows(c, wg, wu, h, act[layer])
+            _gated_rows(c, wg, wu, h, act[layer], buf, bits)
         for c in _chunks(counters, stage + 4, t, nt, -(-hidden // _ROWS)):
             _rows(c, _ROWS, _matrix(a[_WD], hidden, inter), act[layer], d[layer])
         for i in range(hidden):
