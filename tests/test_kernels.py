@@ -32,13 +32,11 @@ def tiny(kind: str) -> torch.nn.Module:
     return tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True)).eval()
 
 
-def run_kernel(model, ids: list[int], steps: int, capacity: int | None = None) -> list[tuple[torch.Tensor, list[int]]]:
-    """(kernel logits, the sequence they follow) for ``steps`` greedy steps after an HF prefill of ``ids``."""
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        logits = model(torch.tensor([ids]), cache=cache, use_cache=True).logits[0, -1]
-    kernel = kernels.DecodeKernel(model, cache, len(ids), capacity=capacity)
-    seq, out = list(ids), []
+def run_kernel(model, ids: list[int], steps: int, capacity: int = 256) -> list[tuple[torch.Tensor, list[int]]]:
+    """(kernel logits, the sequence they follow) for the kernel's prefill of ``ids`` and ``steps`` greedy steps."""
+    kernel = kernels.DecodeKernel(model, capacity=capacity)
+    logits = kernel.prefill(ids)[0]
+    seq, out = list(ids), [(logits, list(ids))]
     for _ in range(steps):
         seq.append(int(logits.argmax()))
         logits = kernel.step(seq[-1])[0]
@@ -57,6 +55,28 @@ def test_kernel_logits_equal_the_model_forward(kind):
         torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("length", [1, 6, 2 * kernels._BLOCK + 7])
+def test_kernel_prefill_equals_the_model_forward_and_its_cache(kind, length):
+    """The prefill's logits and the keys and values it stores equal the HF forward pass's, for a prompt of
+    one position, of a few (not a multiple of the 4-position tile), and of several blocks (the last one
+    partial, the cache growing on the way); the step after it continues from them."""
+    model = tiny(kind)
+    ids = torch.randint(0, 97, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+    kernel = kernels.DecodeKernel(model, capacity=8)
+    logits = kernel.prefill(ids)[0]
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        reference = model(torch.tensor([ids]), cache=cache, use_cache=True).logits[0, -1]
+        after = model(torch.tensor([ids + [5]])).logits[0, -1]
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+    assert kernel.length == length and kernel.summary(3).argmax == int(reference.argmax())
+    for i, layer in enumerate(cache.layers):  # (1, nkv, T, hd)
+        torch.testing.assert_close(torch.from_numpy(kernel.kc[i, :, :length]), layer.keys[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(kernel.vc[i, :, :length]), layer.values[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernel.step(5)[0], after, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_is_the_same_at_any_thread_count(threads):
     model, ids = tiny("llama"), [5, 7, 11, 13]
@@ -67,7 +87,7 @@ def test_kernel_is_the_same_at_any_thread_count(threads):
     finally:
         torch.set_num_threads(before)
     hf = model.generate(torch.tensor([ids]), max_new_tokens=9, min_new_tokens=9, do_sample=False)
-    assert ours == hf[0, len(ids) + 1 :].tolist()
+    assert ours == hf[0, len(ids) :].tolist()  # the prefill's token, then 8 steps
 
 
 def test_models_it_does_not_cover_are_named_and_use_the_torch_path(tiny_lm):
@@ -122,10 +142,8 @@ def test_summary_equals_torch_over_several_chunks_and_ties():
 
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(**(SMALL | {"vocab_size": 1000}), num_key_value_heads=2)).eval()
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        model(torch.tensor([[5, 9, 2]]), cache=cache, use_cache=True)
-    kernel = kernels.DecodeKernel(model, cache, 3)
+    kernel = kernels.DecodeKernel(model)
+    kernel.prefill([5, 9, 2])
     for token in (4, 17, 900):
         if token == 900:
             with torch.no_grad():
