@@ -239,3 +239,22 @@ def test_silu_with_its_own_exp_equals_torch_over_the_whole_float_range():
     # g = -87 the exponent is clamped (values under 1e-35 instead of ~0)
     assert (error <= 2 * (torch_fp32.double() - exact).abs() + 1.2e-7 * exact.abs() + 1e-35).all()
     assert error.max() > 0  # not torch's own result by accident
+
+
+def test_a_kernel_not_yet_compiled_is_announced(tiny_lm, monkeypatch, caplog):
+    """The first use after install compiles for ~40 s: one line says so, instead of a silent wait."""
+    ids = tiny_lm.encode("To be")
+    decoder = Decoder(tiny_lm)
+    decoder.prefill(ids)
+    decoder.step(torch.tensor([3]))
+    decoder.summary(3)
+    assert kernels.compiled_on_disk()  # compiled now if no test before did, and cached on disk by numba
+    with caplog.at_level("WARNING", logger="nexttok.engine"):
+        caplog.clear()
+        Decoder(tiny_lm).prefill(ids)
+        assert not caplog.records
+        monkeypatch.setattr(kernels, "compiled_on_disk", lambda: False)
+        Decoder(tiny_lm).prefill(ids)
+    assert [r.getMessage() for r in caplog.records] == [
+        "nexttok: compiling the decode kernel for this CPU (once after install: ~40 s on 2 cores)"
+    ]

@@ -12,6 +12,7 @@ shape (_InferenceLinear). ``LM.last_logits`` (``predict``) runs on the same copy
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import platform
 from collections.abc import Container
@@ -26,6 +27,8 @@ from nexttok.hugepages import move_to_hugepages
 if TYPE_CHECKING:
     from nexttok.lm import LM
 
+
+_log = logging.getLogger(__name__)  # unconfigured, a warning is one plain line on stderr
 
 # oneDNN's x86 GEMM (measured faster than MKL's here); other builds and CPUs keep nn.Linear's kernels.
 _ONEDNN = (
@@ -205,4 +208,8 @@ def _decode_kernel(model: nn.Module, length: int):
             from nexttok import kernels
     except ImportError:  # numba missing or broken on this platform
         return None
-    return None if kernels.unsupported(model) else kernels.DecodeKernel(model, capacity=max(2 * length, length + 256))
+    if kernels.unsupported(model):
+        return None
+    if not kernels.compiled_on_disk():
+        _log.warning("nexttok: compiling the decode kernel for this CPU (once after install: ~40 s on 2 cores)")
+    return kernels.DecodeKernel(model, capacity=max(2 * length, length + 256))
