@@ -103,6 +103,27 @@ def test_models_it_does_not_cover_are_named_and_use_the_torch_path(tiny_lm):
     assert "nn.Linear" in kernels.unsupported(adapted)
 
 
+@pytest.mark.parametrize("longest", [100, 4])
+def test_decoder_prefills_short_prompts_in_the_kernel_and_long_ones_through_hf(tiny_lm, monkeypatch, longest):
+    """A prompt up to PREFILL_MAX tokens is read by the kernel (the HF cache stays empty); a longer one by
+    the HF model, whose keys and values the kernel takes over. Either way the steps after equal the
+    model's forward pass over the whole sequence."""
+    monkeypatch.setattr(kernels.DecodeKernel, "PREFILL_MAX", longest)
+    ids = tiny_lm.encode("To be, or not to be")
+    assert 4 < len(ids) < 100
+    decoder = Decoder(tiny_lm)
+    logits = decoder.prefill(ids)
+    assert decoder.cache.get_seq_length() == (0 if longest == 100 else len(ids))
+    assert decoder.kernel.length == len(ids) and decoder.forward_calls == 1
+    sequence = list(ids)
+    for token in (3, 8):
+        with torch.inference_mode():
+            reference = tiny_lm.model(torch.tensor([sequence])).logits[:, -1]
+        torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+        sequence.append(token)
+        logits = decoder.step(torch.tensor([token]))
+
+
 def test_decoder_uses_the_kernel_for_one_sample_only(tiny_lm, monkeypatch):
     ids = tiny_lm.encode("To be, or not to be")
     one, many = Decoder(tiny_lm), Decoder(tiny_lm)

@@ -145,10 +145,10 @@ class Decoder:
         return self.model.lm_head(hidden[:, -1]).float()  # (B, V): only the last position is projected
 
     def prefill(self, ids: list[int], batch: int = 1) -> torch.Tensor:
-        # One sample on a model the compiled kernel covers: the kernel reads the prompt too (measured
-        # 63-70 ms for 32 tokens of the default model against 88-100 for the HF forward pass here).
+        # One sample on a model the compiled kernel covers: the kernel reads a short prompt too (faster
+        # up to kernels.PREFILL_MAX tokens; a longer one goes through the HF model, its cache to the kernel).
         self.kernel = _decode_kernel(self._hf_model, len(ids)) if batch == 1 and self._use_kernel else None
-        if self.kernel is not None:
+        if self.kernel is not None and len(ids) <= self.kernel.PREFILL_MAX:
             self.forward_calls += 1
             return self.kernel.prefill(ids)  # (1, V)
         logits = self._forward(torch.tensor([ids], device=self.model.device))  # (1, V)
@@ -156,6 +156,8 @@ class Decoder:
             # One prompt, many samples: copy the prompt's keys/values instead of recomputing them.
             self.cache.batch_repeat_interleave(batch)
             logits = logits.expand(batch, -1)
+        elif self.kernel is not None:
+            self.kernel.load_cache(self.cache, len(ids))
         return logits
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

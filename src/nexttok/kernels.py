@@ -13,9 +13,10 @@ the VM serves slower does not hold the rest up), and a stage ends when all its c
 ~9% slower, and handing out all chunks from one shared counter slower still (cache-line traffic).
 The small vectors (the residual stream, norms) are recomputed by each thread rather than waited for.
 
-The prompt's prefill runs the same stages over blocks of up to 32 positions (:func:`_prefill`): there
-each weight row meets every position, so it is bound by arithmetic, done in 4x4 tiles of dot products
-(:func:`_tile`), 63-70 ms for a 32-token prompt of the default model where the HF forward pass took 88-100.
+A short prompt's prefill runs the same stages over blocks of up to 32 positions (:func:`_prefill`):
+there each weight row meets every position, so it is bound by arithmetic, done in 4x4 tiles of dot
+products (:func:`_tile`), 63-79 ms for a 32-token prompt of the default model where the HF forward pass
+took 88-120. Past DecodeKernel.PREFILL_MAX tokens the HF model's prefill is faster (:meth:`load_cache`).
 
 This is not a second model: the weights are the Hugging Face model's own tensors, read in place;
 loading, saving and training stay the HF model's. Tests check the logits
@@ -393,26 +394,26 @@ def _tile(w, i, x, s, y, col):
 
 
 @njit(fastmath=_MATH)  # not inlined: compiled once for its five callers (inlined, the prefill compiled 2.5x longer)
-def _gemm(lo, hi, w, x, y, col):
-    """y[:, col+lo:col+hi] = x @ w[lo:hi].T for the rows of x (P, in), P a multiple of 4."""
+def _gemm(p, lo, hi, w, x, y, col):
+    """y[:p, col+lo:col+hi] = x[:p] @ w[lo:hi].T, for x (P, in) and p <= P a multiple of 4."""
     top = lo + (hi - lo) // 4 * 4
     for i in range(lo, top, 4):  # 4 weight rows stay in L1 while every 4 positions of x pass by
-        for s in range(0, x.shape[0], 4):
+        for s in range(0, p, 4):
             _tile(w, i, x, s, y, col)
     for i in range(top, hi):
-        for s in range(x.shape[0]):
+        for s in range(p):
             y[s, col + i] = _dot(w, i, x[s])
 
 
 @njit(fastmath=_MATH, inline="always")
-def _qkv_block(c, wq, wk, wv, bias, h, out):
-    """Chunk c of the q, then k, then v rows (chunks do not straddle them), for every position of h."""
+def _qkv_block(p, c, wq, wk, wv, bias, h, out):
+    """Chunk c of the q, then k, then v rows (chunks do not straddle them), for the first p positions of h."""
     nq, nk = wq.shape[0], wk.shape[0]
     cq, ck = -(-nq // _ROWS), -(-nk // _ROWS)
     w, col, c = (wq, 0, c) if c < cq else (wk, nq, c - cq) if c < cq + ck else (wv, nq + nk, c - cq - ck)
     lo, hi = c * _ROWS, min((c + 1) * _ROWS, w.shape[0])
-    _gemm(lo, hi, w, h, out, col)
-    for s in range(out.shape[0]):
+    _gemm(p, lo, hi, w, h, out, col)
+    for s in range(p):
         for i in range(col + lo, col + hi):
             out[s, i] += bias[i]
 
@@ -456,12 +457,13 @@ def _attention_block(head, n, qkv, kc, vc, cos, sin, start, scale, out, kb, scor
 @njit(fastmath=_MATH)
 def _prefill_worker(t, nt, n, w, dims, scratch, kc, vc, cos, sin, start, scale, eps, counters, norm, head, out):
     """Thread t's part of a block of n prompt positions (the step's stages, each over all the block's
-    positions: _worker's comments apply), then the output layer for the last position."""
+    positions, rounded up to a multiple of 4: _worker's comments apply), then the output layer for
+    the last position."""
     hidden, nq, nk, inter = dims
     hd = kc.shape[3]
     xs, hs, qkv, att, o, act, d = scratch
     x, h = xs[t], hs[t]  # this thread's copy of the block's residual stream and its normed input (P, hidden)
-    blk = x.shape[0]
+    blk = (n + 3) // 4 * 4  # positions computed: whole 4x4 tiles (those past n stay finite, unread)
     kb, scores = np.empty((blk, hd), np.float32), np.empty(start + blk, np.float32)
     gu, e, bits = np.empty((2, blk, _ROWS), np.float32), np.empty(_ROWS, np.float32), np.empty(_ROWS, np.int32)
     for layer in range(w.shape[0]):
@@ -471,11 +473,11 @@ def _prefill_worker(t, nt, n, w, dims, scratch, kc, vc, cos, sin, start, scale, 
         wq, wk, wv = _matrix(a[_WQ], nq, hidden), _matrix(a[_WK], nk, hidden), _matrix(a[_WV], nk, hidden)
         bias = _matrix(a[_BQKV], 1, nq + 2 * nk)[0]
         for c in _chunks(counters, stage, t, nt, -(-nq // _ROWS) + 2 * -(-nk // _ROWS)):
-            _qkv_block(c, wq, wk, wv, bias, h, qkv[layer])
+            _qkv_block(blk, c, wq, wk, wv, bias, h, qkv[layer])
         for c in _chunks(counters, stage + 1, t, nt, nq // hd):
             _attention_block(c, n, qkv[layer], kc[layer], vc[layer], cos, sin, start, scale, att[layer], kb, scores)
         for c in _chunks(counters, stage + 2, t, nt, -(-hidden // _ROWS)):
-            _gemm(c * _ROWS, min((c + 1) * _ROWS, hidden), _matrix(a[_WO], hidden, nq), att[layer], o[layer], 0)
+            _gemm(blk, c * _ROWS, min((c + 1) * _ROWS, hidden), _matrix(a[_WO], hidden, nq), att[layer], o[layer], 0)
         bo = _matrix(a[_BO], 1, hidden)[0]
         for s in range(blk):
             for i in range(hidden):
@@ -484,12 +486,12 @@ def _prefill_worker(t, nt, n, w, dims, scratch, kc, vc, cos, sin, start, scale, 
         wg, wu = _matrix(a[_WG], inter, hidden), _matrix(a[_WU], inter, hidden)
         for c in _chunks(counters, stage + 3, t, nt, -(-inter // _ROWS)):
             lo, hi = c * _ROWS, min((c + 1) * _ROWS, inter)
-            _gemm(lo, hi, wg, h, gu[0], -lo)
-            _gemm(lo, hi, wu, h, gu[1], -lo)
+            _gemm(blk, lo, hi, wg, h, gu[0], -lo)
+            _gemm(blk, lo, hi, wu, h, gu[1], -lo)
             for s in range(blk):
                 _silu_mul(hi - lo, gu[0, s], gu[1, s], e, bits, act[layer, s], lo)
         for c in _chunks(counters, stage + 4, t, nt, -(-hidden // _ROWS)):
-            _gemm(c * _ROWS, min((c + 1) * _ROWS, hidden), _matrix(a[_WD], hidden, inter), act[layer], d[layer], 0)
+            _gemm(blk, c * _ROWS, min((c + 1) * _ROWS, hidden), _matrix(a[_WD], hidden, inter), act[layer], d[layer], 0)
         for s in range(blk):
             for i in range(hidden):
                 x[s, i] += d[layer, s, i]
@@ -573,9 +575,16 @@ def _array(t: torch.Tensor | None, size: int = 0) -> np.ndarray:
 class DecodeKernel:
     """Runs one sample's decode steps of a Llama-family HF ``model`` (see :func:`unsupported`).
 
-    :meth:`prefill` reads a prompt, then :meth:`step` feeds one token at a time (or :meth:`greedy` several);
+    :meth:`prefill` reads a prompt (or :meth:`load_cache` takes an HF prefill's keys and values), then
+    :meth:`step` feeds one token at a time (or :meth:`greedy` several);
     the keys and values of ``capacity`` positions are preallocated, doubled when full.
     """
+
+    # Longest prompt the engine prefills here. Longer ones are faster through the HF model (its GEMMs
+    # gain from more rows, and it reads the weights once; the kernel once per block). Default model,
+    # 2 threads, kernel against HF: 8 tokens 41 against 81 ms, 32: 79 against 120, 48: 118 against 128,
+    # 64: 165 against 155, 96: 239 against 207.
+    PREFILL_MAX = 48
 
     def __init__(self, model: torch.nn.Module, capacity: int = 256):
         m = model.model
@@ -642,6 +651,16 @@ class DecodeKernel:
         for lo in range(0, len(ids), _BLOCK):
             logits = self._run_block(ids[lo : lo + _BLOCK])
         return torch.from_numpy(logits)[None]
+
+    def load_cache(self, cache, length: int) -> None:
+        """Continue after a prefill the HF model ran: the first ``length`` keys and values of its
+        ``cache`` (one row) become this kernel's, and the next step is at position ``length``."""
+        while length > self.kc.shape[2]:
+            self._allocate(2 * self.kc.shape[2])
+        for i, layer in enumerate(cache.layers):  # (1, nkv, T, hd) each
+            self.kc[i, :, :length] = layer.keys[0, :, :length].numpy()
+            self.vc[i, :, :length] = layer.values[0, :, :length].numpy()
+        self.length = length
 
     def _run_block(self, ids: list[int]) -> np.ndarray:
         n = len(ids)
