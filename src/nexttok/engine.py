@@ -146,7 +146,7 @@ class Decoder:
 
     def prefill(self, ids: list[int], batch: int = 1) -> torch.Tensor:
         # One sample on a model the compiled kernel covers: the kernel reads a short prompt too (faster
-        # up to kernels.PREFILL_MAX tokens; a longer one goes through the HF model, its cache to the kernel).
+        # up to DecodeKernel.PREFILL_MAX tokens; a longer one goes through the HF model, its cache to the kernel).
         self.kernel = _decode_kernel(self._hf_model, len(ids)) if batch == 1 and self._use_kernel else None
         if self.kernel is not None and len(ids) <= self.kernel.PREFILL_MAX:
             self.forward_calls += 1
