@@ -233,7 +233,7 @@ def _gated_rows(c, wg, wu, h, out, buf, bits):
 def _attention_head(head, qkv, kc, vc, cos, sin, pos, scale, out):
     """One query head's attention output (hd,) over positions < pos in kc, vc (nkv, T, hd), and pos.
 
-    Position pos's key and value are taken from ``qkv`` (this step's projections); :func:`_store`
+    Position pos's key and value are taken from ``qkv`` (this step's projections); :func:`_store_block`
     writes them into the cache after the step, so no thread reads a cache row another is writing."""
     nkv, hd = kc.shape[0], kc.shape[2]
     nq = qkv.shape[0] - 2 * nkv * hd
@@ -318,23 +318,13 @@ def _out_chunk(c, head, h, out):
     stats[c, 0], stats[c, 1], stats[c, 2], argmax[c] = m, total, weighted, best
 
 
-@njit(fastmath=_MATH)
-def _store(qkv, kc, vc, cos, sin, pos):
-    """Position pos's keys (rotated) and values of every layer into the cache kc, vc (layers, nkv, T, hd)."""
-    nkv, hd = kc.shape[1], kc.shape[3]
-    nq = qkv.shape[1] - 2 * nkv * hd
-    for layer in range(qkv.shape[0]):
-        for g in range(nkv):
-            _rope(qkv[layer], nq + g * hd, cos, sin, pos, kc[layer, g, pos])
-            vc[layer, g, pos, :] = qkv[layer, nq + (nkv + g) * hd : nq + (nkv + g + 1) * hd]
-
-
 @njit(parallel=_PRANGE_ONLY, cache=True)
 def _step(nt, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters, norm, head, out):
     counters[:] = 0
     for t in prange(nt):  # one iteration per thread; see _chunks for why any number of threads works
         _worker(t, nt, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters, norm, head, out)
-    _store(scratch[2], kc, vc, cos, sin, pos)
+    qkv = scratch[2]  # (layers, nq + 2 nk): as a block of one position
+    _store_block(qkv.reshape((qkv.shape[0], 1, qkv.shape[1])), kc, vc, cos, sin, pos, 1)
 
 
 @njit(cache=True)
