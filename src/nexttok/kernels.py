@@ -622,6 +622,11 @@ class DecodeKernel:
             *(_array(m.weight) for m in after),
         )  # fmt: skip
 
+    def _reserve(self, positions: int) -> None:
+        """Room for ``positions`` keys and values: the capacity doubles (at least) when they do not fit."""
+        if positions > self.kc.shape[2]:
+            self._allocate(max(positions, 2 * self.kc.shape[2]))
+
     def _allocate(self, capacity: int) -> None:
         """Key/value arrays (layers, nkv, capacity, hd) and RoPE tables for ``capacity`` positions."""
         shape = (len(self.layers), self.nkv, capacity, self.hd)
@@ -646,8 +651,7 @@ class DecodeKernel:
     def load_cache(self, cache, length: int) -> None:
         """Continue after a prefill the HF model ran: the first ``length`` keys and values of its
         ``cache`` (one row) become this kernel's, and the next step is at position ``length``."""
-        while length > self.kc.shape[2]:
-            self._allocate(2 * self.kc.shape[2])
+        self._reserve(length)
         for i, layer in enumerate(cache.layers):  # (1, nkv, T, hd) each
             self.kc[i, :, :length] = layer.keys[0, :, :length].numpy()
             self.vc[i, :, :length] = layer.values[0, :, :length].numpy()
@@ -655,8 +659,7 @@ class DecodeKernel:
 
     def _run_block(self, ids: list[int]) -> np.ndarray:
         n = len(ids)
-        while self.length + n > self.kc.shape[2]:
-            self._allocate(2 * self.kc.shape[2])
+        self._reserve(self.length + n)
         if self._blocks is None:
             hidden, nq, nk, inter = self.dims
             per_thread = (numba.config.NUMBA_NUM_THREADS, _BLOCK, hidden)
@@ -703,8 +706,7 @@ class DecodeKernel:
         """One step into ``logits`` (by default a fresh array: callers may keep it). Right after a step the
         caches hold weights, not this code's data: a fresh 196 KB array and numba.set_num_threads cost
         ~30-70 us each then, so greedy's run-ahead passes both in."""
-        if self.length == self.kc.shape[2]:
-            self._allocate(2 * self.length)
+        self._reserve(self.length + 1)
         threads = threads or self._threads()
         self.scratch[0][:] = self.embed[token]  # each thread's copy of the residual stream
         logits = np.empty(self.head.shape[0], np.float32) if logits is None else logits
