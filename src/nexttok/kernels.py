@@ -147,10 +147,27 @@ def _chunks(counters, stage, t, nt, n):
         _pause()
 
 
+_SPAN = 64  # floats per block of _dot: each block's sum is reduced to a scalar before the next starts
+
+
 @njit(fastmath=_MATH, inline="always")
 def _dot(w, i, x):
+    """w[i] . x, in blocks of _SPAN floats, each vectorized (4 AVX-512 FMAs) and reduced in turn.
+
+    Why blocks: a plain loop (4 vector accumulators over the whole row) computes 2.3x faster but
+    streams slower; its loads run further ahead of the arithmetic, and this machine's memory serves
+    that worse than a paced stream (we did not find out why). Rows of 576 floats in 32-row chunks of a
+    2 GiB matrix, 2 threads, against torch's sum at the memory's faster level: 0.78-0.85 with the
+    plain loop, 0.88-0.96 with 64-float blocks (interleaved, three runs); in the decode step, with the
+    gate-then-up order of _gated_rows, 0.65-0.67 -> 0.67-0.73 of the ceiling at the faster level and
+    0.82-0.84 -> 0.90 at the slower. Blocks of 32 or 96 floats compiled to gathers, so 64 it is."""
+    n = w.shape[1]
+    top = n - n % _SPAN
     acc = np.float32(0.0)
-    for j in range(w.shape[1]):
+    for b in range(0, top, _SPAN):
+        for j in range(b, b + _SPAN):
+            acc += w[i, j] * x[j]
+    for j in range(top, n):
         acc += w[i, j] * x[j]
     return acc
 
@@ -223,8 +240,9 @@ def _silu_mul(n, g, u, e, bits, out, lo):
 @njit(fastmath=_MATH, inline="always")
 def _gated_rows(c, wg, wu, h, out, buf, bits):
     lo, hi = c * _ROWS, min((c + 1) * _ROWS, wg.shape[0])
-    for i in range(lo, hi):
+    for i in range(lo, hi):  # the gate rows, then the up rows: one stream at a time (see _dot)
         buf[0, i - lo] = _dot(wg, i, h)
+    for i in range(lo, hi):
         buf[1, i - lo] = _dot(wu, i, h)
     _silu_mul(hi - lo, buf[0], buf[1], buf[2], bits, out, lo)
 
