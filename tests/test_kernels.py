@@ -262,6 +262,19 @@ def test_silu_with_its_own_exp_equals_torch_over_the_whole_float_range():
     assert error.max() > 0  # not torch's own result by accident
 
 
+@pytest.mark.parametrize("length", [1, 63, 64, 65, 130, 576, 1536])
+def test_dot_in_blocks_covers_every_column(length):
+    import numpy as np
+
+    # rows of several lengths: whole 64-float blocks, a remainder, or only a remainder (_dot's two loops)
+    w = np.random.default_rng(length).standard_normal((3, length)).astype(np.float32)
+    x = np.random.default_rng(length + 1).standard_normal(length).astype(np.float32)
+    exact = w.astype(np.float64) @ x.astype(np.float64)
+    got = np.array([kernels._dot(w, i, x) for i in range(3)])
+    scale = np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)
+    assert np.all(np.abs(got - exact) <= 1e-6 * scale)
+
+
 def test_a_kernel_not_yet_compiled_is_announced(tiny_lm, monkeypatch, caplog):
     """The first use after install compiles for ~40 s: one line says so, instead of a silent wait."""
     ids = tiny_lm.encode("To be")

@@ -2,8 +2,9 @@
 
 Why it exists: a decode step of one sample is a chain of matrix-vector products, bound by reading
 the weights from memory once per token. On the CPUs measured (docs/generate.md), torch's kernels
-(MKL, oneDNN) read the weights at 8-22 GB/s where the memory gives 30-50; a plain loop over weight
-rows, compiled with reassociation allowed (so it vectorizes), streams them at the memory's rate.
+(MKL, oneDNN) read the weights at 8-22 GB/s where the memory gives 30-50; a loop over weight rows,
+compiled with reassociation allowed (so it vectorizes), streams them at the memory's rate: one
+stream per thread, each row's dot product paced in blocks (:func:`_dot`).
 
 A whole step is one compiled call and one parallel region. Each thread runs every layer; a stage
 (q/k/v, attention, o, gate/up, down, the output layer) is split into chunks of rows, each thread
