@@ -155,13 +155,14 @@ _SPAN = 64  # floats per block of _dot: each block's sum is reduced to a scalar 
 def _dot(w, i, x):
     """w[i] . x, in blocks of _SPAN floats, each vectorized (4 AVX-512 FMAs) and reduced in turn.
 
-    Why blocks: a plain loop (4 vector accumulators over the whole row) computes 2.3x faster but
+    Why blocks: a plain loop (4 vector accumulators over the whole row) computes 1.6-2.3x faster but
     streams slower; its loads run further ahead of the arithmetic, and this machine's memory serves
-    that worse than a paced stream (we did not find out why). Rows of 576 floats in 32-row chunks of a
-    2 GiB matrix, 2 threads, against torch's sum at the memory's faster level: 0.78-0.85 with the
-    plain loop, 0.88-0.96 with 64-float blocks (interleaved, three runs); in the decode step, with the
-    gate-then-up order of _gated_rows, 0.65-0.67 -> 0.67-0.73 of the ceiling at the faster level and
-    0.82-0.84 -> 0.90 at the slower. Blocks of 32 or 96 floats compiled to gathers, so 64 it is."""
+    that worse than a paced stream (we did not find out why). Rows of 576 floats in 32-row chunks of
+    a 2 GiB matrix, 2 threads, against torch's sum at the memory's faster level, in the two
+    interleaved runs that measured both: 0.85 -> 0.96 and 0.84 -> 0.88 (the plain loop alone, over
+    seven runs: 0.70-0.85). A whole 128-token generate(), with the gate-then-up order of
+    _gated_rows: 0.65-0.67 -> 0.67-0.73 of the ceiling at the faster level, 0.82-0.84 -> 0.90 at
+    the slower. Blocks of 32 or 96 floats compiled to gathers, so 64 it is."""
     n = w.shape[1]
     top = n - n % _SPAN
     acc = np.float32(0.0)
