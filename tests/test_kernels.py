@@ -279,17 +279,17 @@ def test_a_thread_prefetches_where_its_share_of_the_next_stage_begins():
     import numpy as np
 
     # shares as _chunks hands them out: thread t of nt starts at chunk t * n // nt
-    assert kernels._share(1000, 576, 1536, 32, 1, 2) == 1000 + 9 * 32 * 1536 * 4  # 18 chunks
-    assert kernels._share(1000, 49152, 576, 128, 1, 2) == 1000 + 192 * 128 * 576 * 4
-    assert kernels._share(1000, 100, 64, 32, 0, 2) == 1000
+    assert kernels._share(1000, 1, 2, 18, 32 * 1536) == 1000 + 9 * 32 * 1536 * 4  # 576 rows: 18 chunks
+    assert kernels._share(1000, 1, 2, 384, 128 * 576) == 1000 + 192 * 128 * 576 * 4
+    assert kernels._share(1000, 0, 2, 4, 32 * 64) == 1000
     layer = np.zeros(11, np.int64)
     layer[kernels._WQ], layer[kernels._WK], layer[kernels._WV] = 10**6, 2 * 10**6, 3 * 10**6
     # SmolLM2-135M: 576 q rows, 192 k, 192 v = 30 chunks of 32; thread 1 of 2 starts at row 480 (in q),
     # thread 2 of 3 at row 640 (k's row 64), thread 4 of 5 at row 768 (v's row 0)
     dims = (576, 576, 192, 1536)
-    assert kernels._qkv_share(layer, dims, 1, 2) == 10**6 + 480 * 576 * 4
-    assert kernels._qkv_share(layer, dims, 2, 3) == 2 * 10**6 + 64 * 576 * 4
-    assert kernels._qkv_share(layer, dims, 4, 5) == 3 * 10**6
+    assert kernels._qkv_share(layer, dims, 1, 2, 30) == 10**6 + 480 * 576 * 4
+    assert kernels._qkv_share(layer, dims, 2, 3, 30) == 2 * 10**6 + 64 * 576 * 4
+    assert kernels._qkv_share(layer, dims, 4, 5, 30) == 3 * 10**6
 
 
 def test_a_kernel_not_yet_compiled_is_announced(tiny_lm, monkeypatch, caplog):

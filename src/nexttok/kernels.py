@@ -139,6 +139,12 @@ def _matrix(address, rows, cols):
     return numba.carray(_f32_pointer(address), (rows, cols))
 
 
+@njit(inline="always")
+def _first_chunk(share, nt, n):
+    """The first of ``n`` chunks in thread ``share``'s share (of ``nt``); share nt gives n."""
+    return share * n // nt
+
+
 @njit
 def _chunks(counters, stage, t, nt, n, ahead, lines):
     """Chunk indices of a stage of ``n`` chunks for thread ``t`` of ``nt``; returns once all n are done.
@@ -155,7 +161,7 @@ def _chunks(counters, stage, t, nt, n, ahead, lines):
     mine = 0
     for j in range(nt):
         share = (t + j) % nt
-        lo, hi = share * n // nt, (share + 1) * n // nt
+        lo, hi = _first_chunk(share, nt, n), _first_chunk(share + 1, nt, n)
         while True:
             c = lo + _fetch_add(counters, base + share * _PAD, 1)
             if c >= hi:
@@ -312,52 +318,55 @@ def _worker(t, nt, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters
     xs, hs, qkv, att, o, act, d = scratch
     x, h = xs[t], hs[t]  # this thread's copy of the residual stream and of its normed input (hidden,)
     buf, bits = np.empty((3, _ROWS), np.float32), np.empty(_ROWS, np.int32)  # a chunk's gate, up, exp (_silu_mul)
+    # chunks per stage: q/k/v rows, hidden rows (o, down), intermediate rows (gate/up), output rows
+    n_qkv, n_hidden, n_inter = -(-(nq + 2 * nk) // _ROWS), -(-hidden // _ROWS), -(-inter // _ROWS)
+    n_head = -(-head.shape[0] // _OUT_ROWS)
     for layer in range(w.shape[0]):
         a, stage = w[layer], layer * _STAGES
         _rmsnorm(x, _matrix(a[_NORM1], 1, hidden)[0], eps, h)
         wq, wk, wv = _matrix(a[_WQ], nq, hidden), _matrix(a[_WK], nk, hidden), _matrix(a[_WV], nk, hidden)
         bias = _matrix(a[_BQKV], 1, nq + 2 * nk)[0]
         # where this thread's share of the o, gate and down weights and of the next layer's begins
-        o_at, g_at = _share(a[_WO], hidden, nq, _ROWS, t, nt), _share(a[_WG], inter, hidden, _ROWS, t, nt)
-        d_at = _share(a[_WD], hidden, inter, _ROWS, t, nt)
+        o_at = _share(a[_WO], t, nt, n_hidden, _ROWS * nq)
+        g_at, d_at = _share(a[_WG], t, nt, n_inter, _ROWS * hidden), _share(a[_WD], t, nt, n_hidden, _ROWS * inter)
         if layer + 1 < w.shape[0]:
-            next_at = _qkv_share(w[layer + 1], dims, t, nt)
+            next_at = _qkv_share(w[layer + 1], dims, t, nt, n_qkv)
         else:
-            next_at = _share(head.ctypes.data, head.shape[0], hidden, _OUT_ROWS, t, nt)
-        for c in _chunks(counters, stage, t, nt, -(-(nq + 2 * nk) // _ROWS), o_at, _AHEAD):
+            next_at = _share(head.ctypes.data, t, nt, n_head, _OUT_ROWS * hidden)
+        for c in _chunks(counters, stage, t, nt, n_qkv, o_at, _AHEAD):
             _qkv_rows(c, wq, wk, wv, bias, h, qkv[layer])
         for c in _chunks(counters, stage + 1, t, nt, nq // hd, o_at, _AHEAD):
             head_out = att[layer, c * hd : (c + 1) * hd]
             _attention_head(c, qkv[layer], kc[layer], vc[layer], cos, sin, pos, scale, head_out)
-        for c in _chunks(counters, stage + 2, t, nt, -(-hidden // _ROWS), g_at, _AHEAD):
+        for c in _chunks(counters, stage + 2, t, nt, n_hidden, g_at, _AHEAD):
             _rows(c, _ROWS, _matrix(a[_WO], hidden, nq), att[layer], o[layer])
         bo = _matrix(a[_BO], 1, hidden)[0]
         for i in range(hidden):
             x[i] += o[layer, i] + bo[i]
         _rmsnorm(x, _matrix(a[_NORM2], 1, hidden)[0], eps, h)
         wg, wu = _matrix(a[_WG], inter, hidden), _matrix(a[_WU], inter, hidden)
-        for c in _chunks(counters, stage + 3, t, nt, -(-inter // _ROWS), d_at, _AHEAD):
+        for c in _chunks(counters, stage + 3, t, nt, n_inter, d_at, _AHEAD):
             _gated_rows(c, wg, wu, h, act[layer], buf, bits)
-        for c in _chunks(counters, stage + 4, t, nt, -(-hidden // _ROWS), next_at, _AHEAD):
+        for c in _chunks(counters, stage + 4, t, nt, n_hidden, next_at, _AHEAD):
             _rows(c, _ROWS, _matrix(a[_WD], hidden, inter), act[layer], d[layer])
         for i in range(hidden):
             x[i] += d[layer, i]
     _rmsnorm(x, norm, eps, h)
-    for c in _chunks(counters, w.shape[0] * _STAGES, t, nt, -(-head.shape[0] // _OUT_ROWS), 0, 0):
+    for c in _chunks(counters, w.shape[0] * _STAGES, t, nt, n_head, 0, 0):
         _out_chunk(c, head, h, out)
 
 
 @njit(inline="always")
-def _share(address, rows, cols, chunk, t, nt):
-    """Address of the first row of thread t's share of a (rows, cols) float32 matrix in chunks of ``chunk`` rows."""
-    return address + (t * -(-rows // chunk) // nt) * chunk * cols * 4
+def _share(address, t, nt, n, chunk_floats):
+    """Address of thread t's share of a float32 matrix at ``address`` in ``n`` chunks of ``chunk_floats``."""
+    return address + _first_chunk(t, nt, n) * chunk_floats * 4
 
 
 @njit(inline="always")
-def _qkv_share(a, dims, t, nt):
-    """Address of the first row of thread t's share of a layer's q/k/v stage (its rows: q's, then k's, then v's)."""
+def _qkv_share(a, dims, t, nt, n):
+    """Address of thread t's share of a layer's q/k/v stage of ``n`` chunks (its rows: q's, then k's, then v's)."""
     hidden, nq, nk, _ = dims
-    row = (t * -(-(nq + 2 * nk) // _ROWS) // nt) * _ROWS
+    row = _first_chunk(t, nt, n) * _ROWS
     if row < nq:
         return a[_WQ] + row * hidden * 4
     if row < nq + nk:
