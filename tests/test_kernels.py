@@ -262,17 +262,49 @@ def test_silu_with_its_own_exp_equals_torch_over_the_whole_float_range():
     assert error.max() > 0  # not torch's own result by accident
 
 
+@pytest.mark.parametrize("dot", ["_dot_paced", "_dot_plain"])
 @pytest.mark.parametrize("length", [1, 63, 64, 65, 130, 576, 1536])
-def test_dot_in_blocks_covers_every_column(length):
+def test_dot_covers_every_column(length, dot):
     import numpy as np
 
-    # rows of several lengths: whole 64-float blocks, a remainder, or only a remainder (_dot's two loops)
+    # rows of several lengths: whole 64-float blocks, a remainder, or only a remainder (_dot_paced's two
+    # loops); both loops are tested whichever this CPU runs (_dot)
     w = np.random.default_rng(length).standard_normal((3, length)).astype(np.float32)
     x = np.random.default_rng(length + 1).standard_normal(length).astype(np.float32)
     exact = w.astype(np.float64) @ x.astype(np.float64)
-    got = np.array([kernels._dot(w, i, x) for i in range(3)])
+    got = np.array([getattr(kernels, dot)(w, i, x) for i in range(3)])
     scale = np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)
     assert np.all(np.abs(got - exact) <= 1e-6 * scale)
+
+
+@pytest.mark.parametrize("tile, rows", [("_tile4", 4), ("_tile2", 2)])
+def test_a_prefill_tile_computes_its_rows_times_4_positions(tile, rows):
+    import numpy as np
+
+    # whichever tile this CPU's prefill uses (_tile), both are checked against float64
+    rng = np.random.default_rng(rows)
+    w, x = rng.standard_normal((8, 130)).astype(np.float32), rng.standard_normal((8, 130)).astype(np.float32)
+    y = np.full((8, 16), np.nan, np.float32)
+    getattr(kernels, tile)(w, 2, x, 4, y, 3)  # rows 2.., positions 4..7, into columns 3 + 2..
+    exact = x[4:8].astype(np.float64) @ w[2 : 2 + rows].astype(np.float64).T  # (4, rows)
+    scale = np.abs(x[4:8]).astype(np.float64) @ np.abs(w[2 : 2 + rows]).astype(np.float64).T
+    assert np.all(np.abs(y[4:8, 5 : 5 + rows] - exact) <= 1e-6 * scale)
+    y[4:8, 5 : 5 + rows] = np.nan
+    assert np.isnan(y).all()  # nothing else written
+
+
+def test_the_paced_dot_is_chosen_for_avx512_only(monkeypatch):
+    wide = kernels._wide_vectors()
+    assert (kernels._dot, kernels._tile) == (
+        (kernels._dot_paced, kernels._tile4) if wide else (kernels._dot_plain, kernels._tile2)
+    )
+    # NUMBA_CPU_FEATURES, when set, is what numba compiles for: the choice follows it, not this CPU
+    monkeypatch.setattr(kernels.numba.config, "CPU_FEATURES", "+avx2,+fma,+avx512f,+avx512bw")
+    assert kernels._wide_vectors()
+    monkeypatch.setattr(kernels.numba.config, "CPU_FEATURES", "+avx2,+fma,-avx512f")
+    assert not kernels._wide_vectors()
+    monkeypatch.setattr(kernels.numba.config, "CPU_FEATURES", None)
+    assert kernels._wide_vectors() == bool(kernels.llvm.get_host_cpu_features().get("avx512f", False))
 
 
 def test_a_thread_prefetches_where_its_share_of_the_next_stage_begins():

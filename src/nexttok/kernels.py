@@ -4,7 +4,7 @@ Why it exists: a decode step of one sample is a chain of matrix-vector products,
 the weights from memory once per token. On the CPUs measured (docs/generate.md), torch's kernels
 (MKL, oneDNN) read the weights at 8-22 GB/s where the memory gives 30-50; a loop over weight rows,
 compiled with reassociation allowed (so it vectorizes), streams them at the memory's rate: one
-stream per thread, each row's dot product paced in blocks (:func:`_dot`).
+stream per thread (on AVX-512 CPUs each row's dot product paced in blocks: :data:`_dot`).
 
 A whole step is one compiled call and one parallel region. Each thread runs every layer; a stage
 (q/k/v, attention, o, gate/up, down, the output layer) is split into chunks of rows, each thread
@@ -15,9 +15,11 @@ the VM serves slower does not hold the rest up), and a stage ends when all its c
 The small vectors (the residual stream, norms) are recomputed by each thread rather than waited for.
 
 A short prompt's prefill runs the same stages over blocks of up to 32 positions (:func:`_prefill`):
-there each weight row meets every position, so it is bound by arithmetic, done in 4x4 tiles of dot
-products (:func:`_tile`), 63-79 ms for a 32-token prompt of the default model where the HF forward pass
-took 88-120. Past DecodeKernel.PREFILL_MAX tokens the HF model's prefill is faster (:meth:`load_cache`).
+there each weight row meets every position, so it is bound by arithmetic, done in tiles of dot
+products (:data:`_tile`: 4 weight rows x 4 positions with AVX-512, 2 x 4 with AVX2), 63-79 ms for a
+32-token prompt of the default model on the AMD Zen 4 VM measured where the HF forward pass took 88-120
+(Zen 3: 81 ms, against 96 with 4 x 4 tiles and 112-137 for the HF forward pass). Past
+DecodeKernel.PREFILL_MAX tokens the HF model's prefill is faster (:meth:`load_cache`).
 
 This is not a second model: the weights are the Hugging Face model's own tensors, read in place;
 loading, saving and training stay the HF model's. Tests check the logits
@@ -35,6 +37,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 import torch
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -176,21 +179,29 @@ def _chunks(counters, stage, t, nt, n, ahead, lines):
         _pause()
 
 
-_SPAN = 64  # floats per block of _dot: each block's sum is reduced to a scalar before the next starts
+_SPAN = 64  # floats per block of _dot_paced: each block's sum is reduced to a scalar before the next starts
+
+
+def _wide_vectors() -> bool:
+    """Whether numba compiles for AVX-512 here (numba's NUMBA_CPU_FEATURES if set, else this CPU's)."""
+    features = numba.config.CPU_FEATURES
+    if features is not None:
+        return "+avx512f" in features.split(",")
+    return bool(llvm.get_host_cpu_features().get("avx512f", False))
 
 
 @njit(fastmath=_MATH, inline="always")
-def _dot(w, i, x):
+def _dot_paced(w, i, x):
     """w[i] . x, in blocks of _SPAN floats, each vectorized (4 AVX-512 FMAs) and reduced in turn.
 
-    Why blocks: a plain loop (4 vector accumulators over the whole row) computes 1.6-2.3x faster but
-    streams slower; its loads run further ahead of the arithmetic, and this machine's memory serves
-    that worse than a paced stream (we did not find out why). Rows of 576 floats in 32-row chunks of
-    a 2 GiB matrix, 2 threads, against torch's sum at the memory's faster level, in the two
-    interleaved runs that measured both: 0.85 -> 0.96 and 0.84 -> 0.88 (the plain loop alone, over
-    seven runs: 0.70-0.85). A whole 128-token generate(), with the gate-then-up order of
-    _gated_rows: 0.65-0.67 -> 0.67-0.73 of the ceiling at the faster level, 0.82-0.84 -> 0.90 at
-    the slower. Blocks of 32 or 96 floats compiled to gathers, so 64 it is."""
+    Why blocks (on AVX-512 CPUs, :data:`_dot`): a plain loop (4 vector accumulators over the whole row)
+    computes 1.6-2.3x faster but streams slower on the AMD Zen 4 VM measured; its loads run further
+    ahead of the arithmetic, and that memory serves it worse than a paced stream (we did not find out
+    why). Rows of 576 floats in 32-row chunks of a 2 GiB matrix, 2 threads, against torch's sum at
+    the memory's faster level, in the two interleaved runs that measured both: 0.85 -> 0.96 and
+    0.84 -> 0.88 (the plain loop alone, over seven runs: 0.70-0.85). A whole 128-token generate(),
+    with the gate-then-up order of _gated_rows: 0.65-0.67 -> 0.67-0.73 of the ceiling at the faster
+    level, 0.82-0.84 -> 0.90 at the slower. Blocks of 32 or 96 floats compiled to gathers, so 64 it is."""
     n = w.shape[1]
     top = n - n % _SPAN
     acc = np.float32(0.0)
@@ -200,6 +211,23 @@ def _dot(w, i, x):
     for j in range(top, n):
         acc += w[i, j] * x[j]
     return acc
+
+
+@njit(fastmath=_MATH, inline="always")
+def _dot_plain(w, i, x):
+    """w[i] . x in one vectorized loop (LLVM keeps several vector accumulators over the whole row)."""
+    acc = np.float32(0.0)
+    for j in range(w.shape[1]):
+        acc += w[i, j] * x[j]
+    return acc
+
+
+# The dot product every stage streams its weight rows through. The paced loop is for AVX-512 CPUs only: on
+# the AMD Zen 3 VM measured (AVX2, 16 vector registers), its per-block reductions make it compute-bound
+# (48 against 104 GB/s in cache, 2 threads) and a whole 128-token generate() read 0.71 of the ceiling
+# against 0.82 with the plain loop (42 interleaved runs, paired). numba caches compiled code per CPU
+# name and features, so a cache never crosses this choice.
+_dot = _dot_paced if _wide_vectors() else _dot_plain
 
 
 @njit(fastmath=_MATH, inline="always")
@@ -441,7 +469,7 @@ _BLOCK = 32  # prompt positions per prefill call (a multiple of 4): bounds its b
 
 
 @njit(fastmath=_MATH, inline="always")
-def _tile(w, i, x, s, y, col):
+def _tile4(w, i, x, s, y, col):
     """y[s:s+4, col+i:col+i+4] = x[s:s+4] . w[i:i+4]: 16 dot products sharing each load of w and of x."""
     a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = np.float32(0.0)
     a20 = a21 = a22 = a23 = a30 = a31 = a32 = a33 = np.float32(0.0)
@@ -460,11 +488,31 @@ def _tile(w, i, x, s, y, col):
     y[s + 3, col + i], y[s + 3, col + i + 1], y[s + 3, col + i + 2], y[s + 3, col + i + 3] = a30, a31, a32, a33
 
 
+@njit(fastmath=_MATH, inline="always")
+def _tile2(w, i, x, s, y, col):
+    """y[s:s+4, col+i:col+i+2] = x[s:s+4] . w[i:i+2]: 8 dot products, whose sums and the two rows' vectors
+    fit AVX2's 16 vector registers (_tile4's 16 sums do not: they spill)."""
+    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = np.float32(0.0)
+    for k in range(w.shape[1]):
+        w0, w1 = w[i, k], w[i + 1, k]
+        x0, x1, x2, x3 = x[s, k], x[s + 1, k], x[s + 2, k], x[s + 3, k]
+        # fmt: off
+        a00 += x0 * w0; a01 += x0 * w1; a10 += x1 * w0; a11 += x1 * w1  # noqa: E702
+        a20 += x2 * w0; a21 += x2 * w1; a30 += x3 * w0; a31 += x3 * w1  # noqa: E702
+        # fmt: on
+    y[s, col + i], y[s, col + i + 1], y[s + 1, col + i], y[s + 1, col + i + 1] = a00, a01, a10, a11
+    y[s + 2, col + i], y[s + 2, col + i + 1], y[s + 3, col + i], y[s + 3, col + i + 1] = a20, a21, a30, a31
+
+
+# The prefill's tile of weight rows x 4 positions: 4 rows where AVX-512's 32 vector registers hold its 16 sums.
+_TILE_ROWS, _tile = (4, _tile4) if _wide_vectors() else (2, _tile2)
+
+
 @njit(fastmath=_MATH)  # not inlined: compiled once for its five callers (inlined, the prefill compiled 2.5x longer)
 def _gemm(p, lo, hi, w, x, y, col):
     """y[:p, col+lo:col+hi] = x[:p] @ w[lo:hi].T, for x (P, in) and p <= P a multiple of 4."""
-    top = lo + (hi - lo) // 4 * 4
-    for i in range(lo, top, 4):  # 4 weight rows stay in L1 while every 4 positions of x pass by
+    top = lo + (hi - lo) // _TILE_ROWS * _TILE_ROWS
+    for i in range(lo, top, _TILE_ROWS):  # the tile's weight rows stay in L1 while every 4 positions of x pass by
         for s in range(0, p, 4):
             _tile(w, i, x, s, y, col)
     for i in range(top, hi):
@@ -530,7 +578,7 @@ def _prefill_worker(t, nt, n, w, dims, scratch, kc, vc, cos, sin, start, scale, 
     hd = kc.shape[3]
     xs, hs, qkv, att, o, act, d = scratch
     x, h = xs[t], hs[t]  # this thread's copy of the block's residual stream and its normed input (P, hidden)
-    blk = (n + 3) // 4 * 4  # positions computed: whole 4x4 tiles (those past n stay finite, unread)
+    blk = (n + 3) // 4 * 4  # positions computed: whole tiles of 4 (those past n stay finite, unread)
     kb, scores = np.empty((blk, hd), np.float32), np.empty(start + blk, np.float32)
     gu, e, bits = np.empty((2, blk, _ROWS), np.float32), np.empty(_ROWS, np.float32), np.empty(_ROWS, np.int32)
     for layer in range(w.shape[0]):
