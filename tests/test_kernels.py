@@ -293,6 +293,23 @@ def test_a_prefill_tile_computes_its_rows_times_4_positions(tile, rows):
     assert np.isnan(y).all()  # nothing else written
 
 
+def test_the_attention_asks_for_one_line_per_position_and_loop_up_to_its_end():
+    import numpy as np
+
+    hd, pos = 4, 3  # one key/value head, two query heads of 4 dims; 3 cached positions
+    rng = np.random.default_rng(0)
+    qkv = rng.standard_normal(4 * hd).astype(np.float32)
+    kc, vc = rng.standard_normal((2, 1, 8, hd)).astype(np.float32)
+    cos, sin = np.ones((8, hd), np.float32), np.zeros((8, hd), np.float32)
+    out = np.empty(hd, np.float32)
+    args = (0, qkv, kc, vc, cos, sin, pos, np.float32(0.5), out)
+    assert kernels._attention_head(*args, 4096, 10**9) == 4096 + 64 * 2 * pos  # hints never fault
+    first = out.copy()
+    assert kernels._attention_head(*args, 4096, 4096 + 128) == 4096 + 128  # stops at its end
+    assert kernels._attention_head(*args, 4096, 4096) == 4096
+    np.testing.assert_array_equal(out, first)  # the hints change nothing computed
+
+
 def test_the_paced_dot_is_chosen_for_avx512_only(monkeypatch):
     wide = kernels._wide_vectors()
     assert (kernels._dot, kernels._tile) == (
@@ -309,6 +326,8 @@ def test_the_paced_dot_is_chosen_for_avx512_only(monkeypatch):
 
 def test_a_thread_prefetches_where_its_share_of_the_next_stage_begins():
     import numpy as np
+
+    assert kernels._share(1000, 2, 2, 18, 32 * 576) == 1000 + 18 * 32 * 576 * 4  # the last share ends the matrix
 
     # shares as _chunks hands them out: thread t of nt starts at chunk t * n // nt
     assert kernels._share(1000, 1, 2, 18, 32 * 1536) == 1000 + 9 * 32 * 1536 * 4  # 576 rows: 18 chunks
