@@ -327,10 +327,9 @@ def test_the_paced_dot_is_chosen_for_avx512_only(monkeypatch):
 def test_a_thread_prefetches_where_its_share_of_the_next_stage_begins():
     import numpy as np
 
-    assert kernels._share(1000, 2, 2, 18, 32 * 576) == 1000 + 18 * 32 * 576 * 4  # the last share ends the matrix
-
     # shares as _chunks hands them out: thread t of nt starts at chunk t * n // nt
     assert kernels._share(1000, 1, 2, 18, 32 * 1536) == 1000 + 9 * 32 * 1536 * 4  # 576 rows: 18 chunks
+    assert kernels._share(1000, 2, 2, 18, 32 * 576) == 1000 + 18 * 32 * 576 * 4  # the last share ends the matrix
     assert kernels._share(1000, 1, 2, 384, 128 * 576) == 1000 + 192 * 128 * 576 * 4
     assert kernels._share(1000, 0, 2, 4, 32 * 64) == 1000
     layer = np.zeros(11, np.int64)

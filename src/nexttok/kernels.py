@@ -197,6 +197,9 @@ def _wide_vectors() -> bool:
     return bool(llvm.get_host_cpu_features().get("avx512f", False))
 
 
+_WIDE = _wide_vectors()  # picks _dot and _tile
+
+
 @njit(fastmath=_MATH, inline="always")
 def _dot_paced(w, i, x):
     """w[i] . x, in blocks of _SPAN floats, each vectorized (4 AVX-512 FMAs) and reduced in turn.
@@ -234,7 +237,7 @@ def _dot_plain(w, i, x):
 # (48 against 104 GB/s in cache, 2 threads) and a whole 128-token generate() read 0.71 of the ceiling
 # against 0.82 with the plain loop (42 interleaved runs, paired). numba caches compiled code per CPU
 # name and features, so a cache never crosses this choice.
-_dot = _dot_paced if _wide_vectors() else _dot_plain
+_dot = _dot_paced if _WIDE else _dot_plain
 
 
 @njit(fastmath=_MATH, inline="always")
@@ -312,6 +315,15 @@ def _gated_rows(c, wg, wu, h, out, buf, bits):
     _silu_mul(hi - lo, buf[0], buf[1], buf[2], bits, out, lo)
 
 
+@njit(inline="always")
+def _ask_far(ahead, end):
+    """Ask for the cache line at ``ahead`` into the outer caches unless it is ``end``; the next line's address."""
+    if ahead < end:
+        _prefetch_far(ahead)
+        return ahead + 64
+    return ahead
+
+
 @njit(fastmath=_MATH)
 def _attention_head(head, qkv, kc, vc, cos, sin, pos, scale, out, ahead, end):
     """One query head's attention output (hd,) over positions < pos in kc, vc (nkv, T, hd), and pos.
@@ -330,9 +342,7 @@ def _attention_head(head, qkv, kc, vc, cos, sin, pos, scale, out, ahead, end):
     scores = np.empty(pos + 1, np.float32)
     for t in range(pos):
         scores[t] = _dot(kc[g], t, q) * scale
-        if ahead < end:
-            _prefetch_far(ahead)
-            ahead += 64
+        ahead = _ask_far(ahead, end)
     scores[pos] = np.float32(0.0)
     for d in range(hd):
         scores[pos] += k[d] * q[d] * scale
@@ -346,9 +356,7 @@ def _attention_head(head, qkv, kc, vc, cos, sin, pos, scale, out, ahead, end):
     for t in range(pos):
         for d in range(hd):
             out[d] += scores[t] * vc[g, t, d]
-        if ahead < end:
-            _prefetch_far(ahead)
-            ahead += 64
+        ahead = _ask_far(ahead, end)
     for d in range(hd):
         out[d] /= total
     return ahead
@@ -370,8 +378,8 @@ def _worker(t, nt, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters
         _rmsnorm(x, _matrix(a[_NORM1], 1, hidden)[0], eps, h)
         wq, wk, wv = _matrix(a[_WQ], nq, hidden), _matrix(a[_WK], nk, hidden), _matrix(a[_WV], nk, hidden)
         bias = _matrix(a[_BQKV], 1, nq + 2 * nk)[0]
-        # where this thread's share of the o, gate and down weights and of the next layer's begins
-        o_at = _share(a[_WO], t, nt, n_hidden, _ROWS * nq)
+        # where this thread's share of the o weights begins and ends, and of gate, down and the next layer's begins
+        o_at, o_end = _share(a[_WO], t, nt, n_hidden, _ROWS * nq), _share(a[_WO], t + 1, nt, n_hidden, _ROWS * nq)
         g_at, d_at = _share(a[_WG], t, nt, n_inter, _ROWS * hidden), _share(a[_WD], t, nt, n_hidden, _ROWS * inter)
         if layer + 1 < w.shape[0]:
             next_at = _qkv_share(w[layer + 1], dims, t, nt, n_qkv)
@@ -382,7 +390,7 @@ def _worker(t, nt, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters
         # The attention asks for the rest of this thread's share of the o weights, past what q/k/v's end did,
         # into the outer caches (locality 3 measured no gain). Whole 128-token runs on the Zen 3 VM, paired:
         # +0.022 +- 0.005 of the ceiling over 163 interleaved rounds (two shorter runs: +0.034, -0.024).
-        ahead, o_end = o_at + 64 * _AHEAD, _share(a[_WO], t + 1, nt, n_hidden, _ROWS * nq)
+        ahead = o_at + 64 * _AHEAD
         for c in _chunks(counters, stage + 1, t, nt, nq // hd, ahead, _AHEAD):
             head_out = att[layer, c * hd : (c + 1) * hd]
             ahead = _attention_head(c, qkv[layer], kc[layer], vc[layer], cos, sin, pos, scale, head_out, ahead, o_end)
@@ -525,7 +533,7 @@ def _tile2(w, i, x, s, y, col):
 
 
 # The prefill's tile of weight rows x 4 positions: 4 rows where AVX-512's 32 vector registers hold its 16 sums.
-_TILE_ROWS, _tile = (4, _tile4) if _wide_vectors() else (2, _tile2)
+_TILE_ROWS, _tile = (4, _tile4) if _WIDE else (2, _tile2)
 
 
 @njit(fastmath=_MATH)  # not inlined: compiled once for its five callers (inlined, the prefill compiled 2.5x longer)
