@@ -152,18 +152,31 @@ def test_eos_ends_the_sample(tiny_lm):
     assert len(steps) == 1 and steps[0].id == eos and steps[0].finish_reason == "eos" and steps[0].delta == ""
 
 
-def test_n_samples_share_one_prefill(tiny_lm):
-    calls: list[tuple[int, ...]] = []
+@pytest.mark.parametrize("numba", ["1", "0"])  # the compiled N-sample step (kernels.py), and the torch path
+def test_n_samples_share_one_prefill(tiny_lm, monkeypatch, numba):
+    from nexttok import kernels
+
+    monkeypatch.setenv("NEXTTOK_NUMBA", numba)
+    calls: list[tuple] = []
     hook = inference_model(tiny_lm.model).model.register_forward_pre_hook(
         lambda mod, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
+    prefill, step = kernels.DecodeKernel.prefill, kernels.SamplesKernel.step
+    monkeypatch.setattr(
+        kernels.DecodeKernel, "prefill", lambda k, ids: calls.append(("kernel", len(ids))) or prefill(k, ids)
+    )
+    monkeypatch.setattr(kernels.SamplesKernel, "step", lambda k, t: calls.append(("samples", len(t))) or step(k, t))
     try:
         config = SamplingConfig(seed=3, max_new_tokens=6, ignore_eos=True)
         steps = list(generate(tiny_lm, PROMPT, config, num_samples=4))
     finally:
         hook.remove()
     n_prompt = len(tiny_lm.encode(PROMPT))
-    assert calls == [(1, n_prompt)] + [(4, 1)] * 5  # one prefill, then one batched call per token
+    # one prefill, then one batched call per token
+    if numba == "1":
+        assert calls == [("kernel", n_prompt)] + [("samples", 4)] * 5
+    else:
+        assert calls == [(1, n_prompt)] + [(4, 1)] * 5
     assert sorted({s.sample for s in steps}) == [0, 1, 2, 3]
     assert [s.seed for s in steps if s.index == 0] == [3, 4, 5, 6]
 

@@ -89,8 +89,9 @@ def test_training_updates_moved_weights_in_place():
     assert embed.data_ptr() == ptr and not torch.equal(embed, old)
 
 
+@pytest.mark.parametrize("batch", [1, 2])  # one sample's kernel, and N samples'
 @pytest.mark.parametrize("setting", ["1", "0"])
-def test_decoding_moves_the_weights_after_enough_kernel_steps(setting, monkeypatch):
+def test_decoding_moves_the_weights_after_enough_kernel_steps(setting, batch, monkeypatch):
     """At the HUGEPAGES_AFTER-th kernel step of a model (unless turned off), mid-generation: the kernel
     reads the moved weights from then on (an in-place update after the move shows in its logits), and its
     logits still equal the model's own forward pass."""
@@ -102,8 +103,8 @@ def test_decoding_moves_the_weights_after_enough_kernel_steps(setting, monkeypat
     monkeypatch.setattr(engine, "HUGEPAGES_AFTER", 3)
     model = model_with_a_large_embedding()
     ours, seq = engine.Decoder(SimpleNamespace(model=model)), [4, 8]
-    ours.prefill(seq)
-    assert ours.kernel is not None
+    ours.prefill(seq, batch)
+    assert (ours.kernel if batch == 1 else ours.samples) is not None
     for i, token in enumerate([5, 17, 300, 2, 9]):
         on_huge = model.model.embed_tokens.weight.data_ptr() % HUGE == 0
         assert on_huge == (setting == "1" and i >= 3)  # moved during the third step
@@ -113,4 +114,5 @@ def test_decoding_moves_the_weights_after_enough_kernel_steps(setting, monkeypat
         seq.append(token)
         with torch.no_grad():
             reference = model(torch.tensor([seq])).logits[:, -1]
-        torch.testing.assert_close(ours.step(torch.tensor([token])), reference, atol=1e-4, rtol=1e-4)
+        logits = ours.step(torch.tensor([token] * batch))  # (batch, V)
+        torch.testing.assert_close(logits, reference.expand(batch, -1), atol=1e-4, rtol=1e-4)

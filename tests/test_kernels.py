@@ -124,18 +124,21 @@ def test_decoder_prefills_short_prompts_in_the_kernel_and_long_ones_through_hf(t
         logits = decoder.step(torch.tensor([token]))
 
 
-def test_decoder_uses_the_kernel_for_one_sample_only(tiny_lm, monkeypatch):
+def test_decoder_runs_one_sample_and_n_samples_in_the_kernel(tiny_lm, monkeypatch):
     ids = tiny_lm.encode("To be, or not to be")
     one, many = Decoder(tiny_lm), Decoder(tiny_lm)
     one.prefill(ids)
     many.prefill(ids, batch=3)
-    assert isinstance(one.kernel, kernels.DecodeKernel) and many.kernel is None
+    assert isinstance(one.kernel, kernels.DecodeKernel) and one.samples is None
+    assert isinstance(many.samples, kernels.SamplesKernel) and many.kernel is None  # no one-sample shortcuts
     monkeypatch.setenv("NEXTTOK_NUMBA", "0")  # the documented way to turn it off
-    off = Decoder(tiny_lm)
+    off, off_many = Decoder(tiny_lm), Decoder(tiny_lm)
     off.prefill(ids)
-    assert off.kernel is None
-    token = torch.tensor([3])
+    off_many.prefill(ids, batch=3)
+    assert off.kernel is None and off_many.samples is None
+    token, tokens = torch.tensor([3]), torch.tensor([3, 8, 1])
     torch.testing.assert_close(one.step(token), off.step(token), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(many.step(tokens), off_many.step(tokens), atol=1e-4, rtol=1e-4)
 
 
 def test_the_kernel_keeps_torch_thread_count(tiny_model_dir):
@@ -293,6 +296,44 @@ def test_a_prefill_tile_computes_its_rows_times_4_positions(tile, rows):
     assert np.isnan(y).all()  # nothing else written
 
 
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("p", [4, 8, 12])
+def test_the_gemm_computes_every_row_and_position_in_both_modes(p, stream):
+    import numpy as np
+
+    # 7 weight rows (not a multiple of _tile's rows), p rows of x: 4 (_row4 alone), 8 (_row8), 12 (both)
+    rng = np.random.default_rng(p)
+    w, x = rng.standard_normal((9, 130)).astype(np.float32), rng.standard_normal((16, 130)).astype(np.float32)
+    y = np.full((16, 12), np.nan, np.float32)
+    kernels._gemm(p, 1, 8, w, x, y, 2, stream)  # weight rows 1..7, into columns 3..9
+    exact = x[:p].astype(np.float64) @ w[1:8].astype(np.float64).T
+    scale = np.abs(x[:p]).astype(np.float64) @ np.abs(w[1:8]).astype(np.float64).T
+    assert np.all(np.abs(y[:p, 3:10] - exact) <= 1e-6 * scale)
+    y[:p, 3:10] = np.nan
+    assert np.isnan(y).all()  # nothing else written
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "llama-bias-llama3-rope"])
+@pytest.mark.parametrize("n", [1, 3, 8, 9])
+def test_samples_steps_equal_the_model_forward_of_each_sample(kind, n):
+    """N samples continue one prompt, each fed its own tokens: each step's logits equal the HF forward pass
+    over that sample's whole sequence (n of 1 to 9: the rows padded to whole tiles; the caches grow)."""
+    model = tiny(kind)
+    ids = [5, 7, 11, 13, 17, 2]
+    kernel = kernels.DecodeKernel(model, capacity=len(ids) + 1)
+    kernel.prefill(ids)
+    samples = kernel.samples(n)
+    sequences = torch.tensor([ids] * n)
+    tokens = torch.randint(0, 97, (6, n), generator=torch.Generator().manual_seed(n))
+    for step in tokens:  # (n,): a different token per sample
+        logits = samples.step(step.tolist())
+        sequences = torch.cat([sequences, step[:, None]], dim=1)
+        with torch.inference_mode():
+            reference = model(sequences).logits[:, -1]
+        torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+    assert samples.kc.shape[3] >= len(ids) + 6 and kernel.length == len(ids)  # grew; the prompt's kernel untouched
+
+
 def test_the_attention_asks_for_one_line_per_position_and_loop_up_to_its_end():
     import numpy as np
 
@@ -343,7 +384,7 @@ def test_a_thread_prefetches_where_its_share_of_the_next_stage_begins():
 
 
 def test_a_kernel_not_yet_compiled_is_announced(tiny_lm, monkeypatch, caplog):
-    """The first use after install compiles for ~40 s: one line says so, instead of a silent wait."""
+    """The first use after install compiles for about a minute: one line says so, instead of a silent wait."""
     ids = tiny_lm.encode("To be")
     decoder = Decoder(tiny_lm)
     decoder.prefill(ids)
@@ -357,5 +398,5 @@ def test_a_kernel_not_yet_compiled_is_announced(tiny_lm, monkeypatch, caplog):
         monkeypatch.setattr(kernels, "compiled_on_disk", lambda: False)
         Decoder(tiny_lm).prefill(ids)
     assert [r.getMessage() for r in caplog.records] == [
-        "nexttok: compiling the decode kernel for this CPU (once after install: ~40 s on 2 cores)"
+        "nexttok: compiling the decode kernel for this CPU (once after install: about a minute on 2 cores)"
     ]

@@ -1,12 +1,13 @@
 """The model side of the loop: one prefill, then one position per call, on a preallocated KV cache.
 
-The transformer is the Hugging Face model itself; this module only decides how it is called. One
-sample of a model that ``kernels.py`` covers runs its prefill and steps there (numba, the model's own
-weights). Otherwise: transformers' ``DynamicCache`` (measured faster here than a ``StaticCache`` in
-eager mode: a static cache attends over its whole preallocated length through a mask), the final
-norm's output for the last position only through the output layer, N samples of one prompt sharing
-one prefill, and an inference copy of the model whose linear layers pick a faster kernel per call
-shape (_InferenceLinear). ``LM.last_logits`` (``predict``) runs on the same copy.
+The transformer is the Hugging Face model itself; this module only decides how it is called. On a
+model that ``kernels.py`` covers, one sample, or N samples of one prompt sharing one prefill, run
+their prefill and steps there (numba, the model's own weights). Otherwise: transformers'
+``DynamicCache`` (measured faster here than a ``StaticCache`` in eager mode: a static cache attends
+over its whole preallocated length through a mask), the final norm's output for the last position
+only through the output layer, N samples sharing one prefill, and an inference copy of the model
+whose linear layers pick a faster kernel per call shape (_InferenceLinear). ``LM.last_logits``
+(``predict``) runs on the same copy.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ class Decoder:
         self.forward_calls = 0
         self._hf_model = lm.model
         self.kernel = None  # the compiled one-sample step (kernels.py), when it covers the model
+        self.samples = None  # the compiled step of N samples of one prompt (kernels.SamplesKernel), likewise
         self._use_kernel = fast and kernel and os.environ.get("NEXTTOK_NUMBA", "1") != "0"
 
     @torch.inference_mode()
@@ -145,26 +147,35 @@ class Decoder:
         return self.model.lm_head(hidden[:, -1]).float()  # (B, V): only the last position is projected
 
     def prefill(self, ids: list[int], batch: int = 1) -> torch.Tensor:
-        # One sample on a model the compiled kernel covers: the kernel reads a short prompt too (faster
-        # up to DecodeKernel.PREFILL_MAX tokens; a longer one goes through the HF model, its cache to the kernel).
-        self.kernel = _decode_kernel(self._hf_model, len(ids)) if batch == 1 and self._use_kernel else None
-        if self.kernel is not None and len(ids) <= self.kernel.PREFILL_MAX:
+        # On a model the compiled kernel covers, the kernel reads a short prompt too (faster up to
+        # DecodeKernel.PREFILL_MAX tokens; a longer one goes through the HF model, its cache to the kernel).
+        # N samples then continue from N copies of the prompt's keys and values, one compiled call per step.
+        kernel = _decode_kernel(self._hf_model, len(ids)) if self._use_kernel else None
+        if kernel is not None and len(ids) <= kernel.PREFILL_MAX:
             self.forward_calls += 1
-            return self.kernel.prefill(ids)  # (1, V)
-        logits = self._forward(torch.tensor([ids], device=self.model.device))  # (1, V)
-        if batch > 1:
-            # One prompt, many samples: copy the prompt's keys/values instead of recomputing them.
+            logits = kernel.prefill(ids)  # (1, V)
+        else:
+            logits = self._forward(torch.tensor([ids], device=self.model.device))  # (1, V)
+            if kernel is not None:
+                kernel.load_cache(self.cache, len(ids))
+        if batch == 1:
+            self.kernel = kernel
+            return logits
+        if kernel is not None:
+            self.samples = kernel.samples(batch)
+        else:  # one prompt, many samples: copy the prompt's keys/values instead of recomputing them
             self.cache.batch_repeat_interleave(batch)
-            logits = logits.expand(batch, -1)
-        elif self.kernel is not None:
-            self.kernel.load_cache(self.cache, len(ids))
-        return logits
+        return logits.expand(batch, -1)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None:
             self.forward_calls += 1
             self._move_when_due(1)
             return self.kernel.step(int(tokens.view(-1)[0]))  # (1, V)
+        if self.samples is not None:
+            self.forward_calls += 1
+            self._move_when_due(1)
+            return self.samples.step(tokens.view(-1).tolist())  # (N, V)
         return self._forward(tokens.view(-1, 1).to(self.model.device))  # (B, 1) -> (B, V)
 
     def greedy(self, token: int, n: int, top: int, stop: Container[int] = ()) -> list:
@@ -180,7 +191,7 @@ class Decoder:
         """Before ``steps`` more kernel steps: move the weights onto huge pages when these steps reach
         HUGEPAGES_AFTER, and have the kernel read them from there."""
         if _hugepages_due(self._hf_model, steps) and move_to_hugepages(self._hf_model):
-            self.kernel.rebind()  # the weights now live elsewhere
+            (self.kernel or self.samples.kernel).rebind()  # the weights now live elsewhere
 
     def summary(self, top: int):
         """The last logits' ``kernels.Summary`` (argmax, logsumexp, entropy, ``top`` highest), which the
@@ -213,5 +224,7 @@ def _decode_kernel(model: nn.Module, length: int):
     if kernels.unsupported(model):
         return None
     if not kernels.compiled_on_disk():
-        _log.warning("nexttok: compiling the decode kernel for this CPU (once after install: ~40 s on 2 cores)")
+        _log.warning(
+            "nexttok: compiling the decode kernel for this CPU (once after install: about a minute on 2 cores)"
+        )
     return kernels.DecodeKernel(model, capacity=max(2 * length, length + 256))

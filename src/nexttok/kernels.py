@@ -1,4 +1,5 @@
-"""One sample's decode step for Llama-family models on the CPU, compiled by numba.
+"""The decode steps (one sample's, or N samples' of one prompt) and the prefill of Llama-family models on
+the CPU, compiled by numba.
 
 Why it exists: a decode step of one sample is a chain of matrix-vector products, bound by reading
 the weights from memory once per token. On the CPUs measured (docs/generate.md), torch's kernels
@@ -20,6 +21,11 @@ products (:data:`_tile`: 4 weight rows x 4 positions with AVX-512, 2 x 4 with AV
 32-token prompt of the default model on the AMD Zen 4 VM measured where the HF forward pass took 88-120
 (Zen 3: 81 ms, against 96 with 4 x 4 tiles and 112-137 for the HF forward pass). Past
 DecodeKernel.PREFILL_MAX tokens the HF model's prefill is faster (:meth:`load_cache`).
+
+N samples of one prompt (:class:`SamplesKernel`) step through the same stages over their N rows, one
+compiled call per step, each sample attending over its own copy of the keys and values; their GEMM
+takes one weight row at a time against 8 rows (:func:`_gemm`'s ``stream``), which streams the
+weights from memory faster than the prefill's tiles.
 
 This is not a second model: the weights are the Hugging Face model's own tensors, read in place;
 loading, saving and training stay the HF model's. Tests check the logits
@@ -536,9 +542,48 @@ def _tile2(w, i, x, s, y, col):
 _TILE_ROWS, _tile = (4, _tile4) if _WIDE else (2, _tile2)
 
 
-@njit(fastmath=_MATH)  # not inlined: compiled once for its five callers (inlined, the prefill compiled 2.5x longer)
-def _gemm(p, lo, hi, w, x, y, col):
-    """y[:p, col+lo:col+hi] = x[:p] @ w[lo:hi].T, for x (P, in) and p <= P a multiple of 4."""
+@njit(fastmath=_MATH, inline="always")
+def _row8(w, i, x, s, y, col):
+    """y[s:s+8, col+i] = x[s:s+8] . w[i]: one weight row against 8 rows of x (one stream of weights: _gemm)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+    for k in range(w.shape[1]):
+        v = w[i, k]
+        # fmt: off
+        a0 += x[s, k] * v; a1 += x[s + 1, k] * v; a2 += x[s + 2, k] * v; a3 += x[s + 3, k] * v  # noqa: E702
+        a4 += x[s + 4, k] * v; a5 += x[s + 5, k] * v; a6 += x[s + 6, k] * v; a7 += x[s + 7, k] * v  # noqa: E702
+        # fmt: on
+    y[s, col + i], y[s + 1, col + i], y[s + 2, col + i], y[s + 3, col + i] = a0, a1, a2, a3
+    y[s + 4, col + i], y[s + 5, col + i], y[s + 6, col + i], y[s + 7, col + i] = a4, a5, a6, a7
+
+
+@njit(fastmath=_MATH, inline="always")
+def _row4(w, i, x, s, y, col):
+    """y[s:s+4, col+i] = x[s:s+4] . w[i]."""
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    for k in range(w.shape[1]):
+        v = w[i, k]
+        a0 += x[s, k] * v
+        a1 += x[s + 1, k] * v
+        a2 += x[s + 2, k] * v
+        a3 += x[s + 3, k] * v  # noqa: E702
+    y[s, col + i], y[s + 1, col + i], y[s + 2, col + i], y[s + 3, col + i] = a0, a1, a2, a3
+
+
+@njit(fastmath=_MATH)  # not inlined: compiled once for its callers (inlined, the prefill compiled 2.5x longer)
+def _gemm(p, lo, hi, w, x, y, col, stream):
+    """y[:p, col+lo:col+hi] = x[:p] @ w[lo:hi].T, for x (P, in) and p <= P a multiple of 4.
+
+    With ``stream`` (the N-sample step: few rows, weights from memory), one weight row at a time meets
+    8 (or 4) rows of x: on the Zen 3 VM, streaming a 1 GiB matrix against 8 rows with 2 threads, 19-20
+    GB/s where _tile's 2 interleaved weight rows read 14-16 (software prefetch made both slower). Else
+    (a prompt's block: bound by arithmetic) :data:`_tile`, which computes faster on data in cache."""
+    if stream:
+        for i in range(lo, hi):
+            for s in range(0, p - 4, 8):
+                _row8(w, i, x, s, y, col)
+            if p % 8:
+                _row4(w, i, x, p - 4, y, col)
+        return
     top = lo + (hi - lo) // _TILE_ROWS * _TILE_ROWS
     for i in range(lo, top, _TILE_ROWS):  # the tile's weight rows stay in L1 while every 4 positions of x pass by
         for s in range(0, p, 4):
@@ -549,13 +594,13 @@ def _gemm(p, lo, hi, w, x, y, col):
 
 
 @njit(fastmath=_MATH, inline="always")
-def _qkv_block(p, c, wq, wk, wv, bias, h, out):
+def _qkv_block(p, c, wq, wk, wv, bias, h, out, stream):
     """Chunk c of the q, then k, then v rows (chunks do not straddle them), for the first p positions of h."""
     nq, nk = wq.shape[0], wk.shape[0]
     cq, ck = -(-nq // _ROWS), -(-nk // _ROWS)
     w, col, c = (wq, 0, c) if c < cq else (wk, nq, c - cq) if c < cq + ck else (wv, nq + nk, c - cq - ck)
     lo, hi = c * _ROWS, min((c + 1) * _ROWS, w.shape[0])
-    _gemm(p, lo, hi, w, h, out, col)
+    _gemm(p, lo, hi, w, h, out, col, stream)
     for s in range(p):
         for i in range(col + lo, col + hi):
             out[s, i] += bias[i]
@@ -598,46 +643,63 @@ def _attention_block(head, n, qkv, kc, vc, cos, sin, start, scale, out, kb, scor
 
 
 @njit(fastmath=_MATH)
+def _block_qkv(t, nt, blk, layer, w, dims, x, h, qkv, eps, counters, stream):
+    """A layer's first stage over a block of ``blk`` rows (a prompt's positions, or samples): the norm into h,
+    then q/k/v into qkv (blk, nq + 2 nk)."""
+    hidden, nq, nk, _ = dims
+    a = w[layer]
+    for s in range(blk):
+        _rmsnorm(x[s], _matrix(a[_NORM1], 1, hidden)[0], eps, h[s])
+    wq, wk, wv = _matrix(a[_WQ], nq, hidden), _matrix(a[_WK], nk, hidden), _matrix(a[_WV], nk, hidden)
+    bias = _matrix(a[_BQKV], 1, nq + 2 * nk)[0]
+    for c in _chunks(counters, layer * _STAGES, t, nt, -(-nq // _ROWS) + 2 * -(-nk // _ROWS), 0, 0):
+        _qkv_block(blk, c, wq, wk, wv, bias, h, qkv, stream)
+
+
+@njit(fastmath=_MATH)
+def _block_mlp(t, nt, blk, layer, w, dims, x, h, att, o, act, d, eps, counters, stream):
+    """A layer's stages after the attention over a block of ``blk`` rows: o and the residual, the norm,
+    gate/up, down and the residual (x and h are this thread's (P, hidden), the rest this layer's buffers)."""
+    hidden, nq, _, inter = dims
+    a, stage = w[layer], layer * _STAGES
+    gu, e, bits = np.empty((2, blk, _ROWS), np.float32), np.empty(_ROWS, np.float32), np.empty(_ROWS, np.int32)
+    for c in _chunks(counters, stage + 2, t, nt, -(-hidden // _ROWS), 0, 0):
+        _gemm(blk, c * _ROWS, min((c + 1) * _ROWS, hidden), _matrix(a[_WO], hidden, nq), att, o, 0, stream)
+    bo = _matrix(a[_BO], 1, hidden)[0]
+    for s in range(blk):
+        for i in range(hidden):
+            x[s, i] += o[s, i] + bo[i]
+        _rmsnorm(x[s], _matrix(a[_NORM2], 1, hidden)[0], eps, h[s])
+    wg, wu = _matrix(a[_WG], inter, hidden), _matrix(a[_WU], inter, hidden)
+    for c in _chunks(counters, stage + 3, t, nt, -(-inter // _ROWS), 0, 0):
+        lo, hi = c * _ROWS, min((c + 1) * _ROWS, inter)
+        _gemm(blk, lo, hi, wg, h, gu[0], -lo, stream)
+        _gemm(blk, lo, hi, wu, h, gu[1], -lo, stream)
+        for s in range(blk):
+            _silu_mul(hi - lo, gu[0, s], gu[1, s], e, bits, act[s], lo)
+    for c in _chunks(counters, stage + 4, t, nt, -(-hidden // _ROWS), 0, 0):
+        _gemm(blk, c * _ROWS, min((c + 1) * _ROWS, hidden), _matrix(a[_WD], hidden, inter), act, d, 0, stream)
+    for s in range(blk):
+        for i in range(hidden):
+            x[s, i] += d[s, i]
+
+
+@njit(fastmath=_MATH)
 def _prefill_worker(t, nt, n, w, dims, scratch, kc, vc, cos, sin, start, scale, eps, counters, norm, head, out):
     """Thread t's part of a block of n prompt positions (the step's stages, each over all the block's
     positions, rounded up to a multiple of 4: _worker's comments apply), then the output layer for
     the last position."""
-    hidden, nq, nk, inter = dims
+    hidden, nq = dims[0], dims[1]
     hd = kc.shape[3]
     xs, hs, qkv, att, o, act, d = scratch
     x, h = xs[t], hs[t]  # this thread's copy of the block's residual stream and its normed input (P, hidden)
     blk = (n + 3) // 4 * 4  # positions computed: whole tiles of 4 (those past n stay finite, unread)
     kb, scores = np.empty((blk, hd), np.float32), np.empty(start + blk, np.float32)
-    gu, e, bits = np.empty((2, blk, _ROWS), np.float32), np.empty(_ROWS, np.float32), np.empty(_ROWS, np.int32)
     for layer in range(w.shape[0]):
-        a, stage = w[layer], layer * _STAGES
-        for s in range(blk):
-            _rmsnorm(x[s], _matrix(a[_NORM1], 1, hidden)[0], eps, h[s])
-        wq, wk, wv = _matrix(a[_WQ], nq, hidden), _matrix(a[_WK], nk, hidden), _matrix(a[_WV], nk, hidden)
-        bias = _matrix(a[_BQKV], 1, nq + 2 * nk)[0]
-        for c in _chunks(counters, stage, t, nt, -(-nq // _ROWS) + 2 * -(-nk // _ROWS), 0, 0):
-            _qkv_block(blk, c, wq, wk, wv, bias, h, qkv[layer])
-        for c in _chunks(counters, stage + 1, t, nt, nq // hd, 0, 0):
+        _block_qkv(t, nt, blk, layer, w, dims, x, h, qkv[layer], eps, counters, False)
+        for c in _chunks(counters, layer * _STAGES + 1, t, nt, nq // hd, 0, 0):
             _attention_block(c, n, qkv[layer], kc[layer], vc[layer], cos, sin, start, scale, att[layer], kb, scores)
-        for c in _chunks(counters, stage + 2, t, nt, -(-hidden // _ROWS), 0, 0):
-            _gemm(blk, c * _ROWS, min((c + 1) * _ROWS, hidden), _matrix(a[_WO], hidden, nq), att[layer], o[layer], 0)
-        bo = _matrix(a[_BO], 1, hidden)[0]
-        for s in range(blk):
-            for i in range(hidden):
-                x[s, i] += o[layer, s, i] + bo[i]
-            _rmsnorm(x[s], _matrix(a[_NORM2], 1, hidden)[0], eps, h[s])
-        wg, wu = _matrix(a[_WG], inter, hidden), _matrix(a[_WU], inter, hidden)
-        for c in _chunks(counters, stage + 3, t, nt, -(-inter // _ROWS), 0, 0):
-            lo, hi = c * _ROWS, min((c + 1) * _ROWS, inter)
-            _gemm(blk, lo, hi, wg, h, gu[0], -lo)
-            _gemm(blk, lo, hi, wu, h, gu[1], -lo)
-            for s in range(blk):
-                _silu_mul(hi - lo, gu[0, s], gu[1, s], e, bits, act[layer, s], lo)
-        for c in _chunks(counters, stage + 4, t, nt, -(-hidden // _ROWS), 0, 0):
-            _gemm(blk, c * _ROWS, min((c + 1) * _ROWS, hidden), _matrix(a[_WD], hidden, inter), act[layer], d[layer], 0)
-        for s in range(blk):
-            for i in range(hidden):
-                x[s, i] += d[layer, s, i]
+        _block_mlp(t, nt, blk, layer, w, dims, x, h, att[layer], o[layer], act[layer], d[layer], eps, counters, False)
     last = np.empty(hidden, np.float32)
     _rmsnorm(x[n - 1], norm, eps, last)
     for c in _chunks(counters, w.shape[0] * _STAGES, t, nt, -(-head.shape[0] // _OUT_ROWS), 0, 0):
@@ -664,11 +726,45 @@ def _prefill(nt, n, w, dims, scratch, kc, vc, cos, sin, start, scale, eps, count
     _store_block(scratch[2], kc, vc, cos, sin, start, n)
 
 
+@njit(fastmath=_MATH)
+def _samples_worker(t, nt, n, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters, norm, head, logits):
+    """Thread t's part of one step of n samples at position ``pos``: the prefill's stages over the n rows
+    (rounded up to a multiple of 4), each row attending over its own keys and values kc[:, s], vc[:, s]
+    (layers, n, nkv, T, hd), then the output layer for every row into ``logits`` (P, V)."""
+    nq = dims[1]
+    hd = kc.shape[4]
+    heads = nq // hd
+    xs, hs, qkv, att, o, act, d = scratch
+    x, h = xs[t], hs[t]  # this thread's copy of the rows' residual stream and their normed input (P, hidden)
+    blk = (n + 3) // 4 * 4
+    kb, scores = np.empty((1, hd), np.float32), np.empty(pos + 1, np.float32)
+    for layer in range(w.shape[0]):
+        _block_qkv(t, nt, blk, layer, w, dims, x, h, qkv[layer], eps, counters, True)
+        for c in _chunks(counters, layer * _STAGES + 1, t, nt, n * heads, 0, 0):
+            s = c // heads  # each (sample, head) pair is one chunk: the sample's one position, over its own cache
+            q, out = qkv[layer, s : s + 1], att[layer, s : s + 1]
+            _attention_block(c % heads, 1, q, kc[layer, s], vc[layer, s], cos, sin, pos, scale, out, kb, scores)
+        _block_mlp(t, nt, blk, layer, w, dims, x, h, att[layer], o[layer], act[layer], d[layer], eps, counters, True)
+    for s in range(blk):
+        _rmsnorm(x[s], norm, eps, h[s])
+    for c in _chunks(counters, w.shape[0] * _STAGES, t, nt, -(-head.shape[0] // _OUT_ROWS), 0, 0):
+        _gemm(blk, c * _OUT_ROWS, min((c + 1) * _OUT_ROWS, head.shape[0]), head, h, logits, 0, True)
+
+
+@njit(parallel=_PRANGE_ONLY, cache=True)
+def _samples(nt, n, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters, norm, head, logits):
+    counters[:] = 0
+    for t in prange(nt):  # as _step
+        _samples_worker(t, nt, n, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters, norm, head, logits)
+    for s in range(n):
+        _store_block(scratch[2][:, s : s + 1], kc[:, s], vc[:, s], cos, sin, pos, 1)
+
+
 def compiled_on_disk() -> bool:
     """Whether numba's on-disk cache holds the compiled step and prefill (else their first calls compile
-    them: ~40 s on the 2-core machine measured, once after install)."""
+    them: ~50 s for one sample and ~20 s more for N samples on the 2-core Zen 3 VM, once after install)."""
     try:
-        return all(os.path.exists(f._cache._cache_file._index_path) for f in (_step, _prefill, _summarize))
+        return all(os.path.exists(f._cache._cache_file._index_path) for f in (_step, _prefill, _samples, _summarize))
     except AttributeError:  # numba's cache internals moved: say nothing rather than guess
         return True
 
@@ -713,6 +809,14 @@ def _array(t: torch.Tensor | None, size: int = 0) -> np.ndarray:
     if t is None:
         return np.zeros(size, dtype=np.float32)
     return np.ascontiguousarray(t.detach().numpy())  # a view of a contiguous weight (the usual case), not a copy
+
+
+def _rope_tables(model: torch.nn.Module, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """RoPE's cos and sin (T, hd) for ``capacity`` positions, from the model's own rotary module (so every
+    RoPE scaling it supports)."""
+    with torch.inference_mode():
+        cos, sin = model.model.rotary_emb(torch.zeros(1), torch.arange(capacity)[None])  # (1, T, hd)
+    return cos[0].numpy().copy(), sin[0].numpy().copy()
 
 
 class DecodeKernel:
@@ -787,9 +891,7 @@ class DecodeKernel:
             kc[:, :, : self.length] = self.kc[:, :, : self.length]
             vc[:, :, : self.length] = self.vc[:, :, : self.length]
         self.kc, self.vc = kc, vc
-        with torch.inference_mode():  # the model's own rotary module: every RoPE scaling it supports
-            cos, sin = self.model.model.rotary_emb(torch.zeros(1), torch.arange(capacity)[None])  # (1, T, hd)
-        self.cos, self.sin = cos[0].numpy().copy(), sin[0].numpy().copy()
+        self.cos, self.sin = _rope_tables(self.model, capacity)
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
         """Feed the prompt ``ids`` at the next positions, _BLOCK at a time (each block reads the weights
@@ -826,6 +928,10 @@ class DecodeKernel:
                  self.length, self.scale, self.eps, self.counters, self.norm, self.head, self._out)  # fmt: skip
         self.length += n
         return logits
+
+    def samples(self, n: int) -> SamplesKernel:
+        """Continue as ``n`` samples of what was read so far (:class:`SamplesKernel`)."""
+        return SamplesKernel(self, n)
 
     def step(self, token: int) -> torch.Tensor:
         """Feed ``token`` at the next position; the next-token logits, shape (1, V)."""
@@ -871,3 +977,52 @@ class DecodeKernel:
     def summary(self, top: int) -> Summary | None:
         """The last step's :class:`Summary`, with the ``top`` highest logits; None before the first step."""
         return None if self._out[0] is None else Summary(*_summarize(*self._out, top))
+
+
+class SamplesKernel:
+    """The decode steps of N samples of one prompt, after a :class:`DecodeKernel` read the prompt.
+
+    Each :meth:`step` feeds one token per sample, all N in one compiled call: the prefill's tiles over
+    the N rows, so each weight row is read once per step for all of them, and each sample attends over
+    its own copy of the prompt's keys and values and its own tokens' since.
+    """
+
+    def __init__(self, kernel: DecodeKernel, n: int):
+        self.kernel, self.n, self.length = kernel, n, kernel.length
+        hidden, nq, nk, inter = kernel.dims
+        blk = -(-n // 4) * 4  # rows computed: whole tiles of 4 (zeros past n: they stay finite, unread)
+        per_thread = (numba.config.NUMBA_NUM_THREADS, blk, hidden)
+        self.scratch = (np.zeros(per_thread, np.float32), np.zeros(per_thread, np.float32))
+        self.scratch += tuple(np.zeros((len(kernel.layers), blk, size), np.float32)
+                              for size in (nq + 2 * nk, nq, hidden, inter, hidden))  # fmt: skip
+        # (layers, n, nkv, T, hd): every sample's copy of the prompt's keys and values
+        self.kc = np.repeat(kernel.kc[:, None], n, axis=1)
+        self.vc = np.repeat(kernel.vc[:, None], n, axis=1)
+        self.cos, self.sin = kernel.cos, kernel.sin
+
+    def _reserve(self, positions: int) -> None:
+        capacity = self.kc.shape[3]
+        if positions <= capacity:
+            return
+        capacity = max(positions, 2 * capacity)
+        shape = (*self.kc.shape[:3], capacity, self.kc.shape[4])
+        kc, vc = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        kc[:, :, :, : self.length], vc[:, :, :, : self.length] = (
+            self.kc[:, :, :, : self.length],
+            self.vc[:, :, :, : self.length],
+        )
+        self.kc, self.vc = kc, vc
+        self.cos, self.sin = _rope_tables(self.kernel.model, capacity)
+
+    def step(self, tokens: list[int]) -> torch.Tensor:
+        """Feed ``tokens[i]`` to sample i at the next position; the next-token logits, shape (N, V)."""
+        if len(tokens) != self.n:
+            raise ValueError(f"{len(tokens)} tokens for {self.n} samples")
+        k = self.kernel
+        self._reserve(self.length + 1)
+        self.scratch[0][:, : self.n] = k.embed[tokens]  # each thread's copy of the rows' residual stream
+        logits = np.empty((self.scratch[0].shape[1], k.head.shape[0]), np.float32)  # (P, V), fresh: callers keep it
+        _samples(k._threads(), self.n, k.addresses, k.dims, self.scratch, self.kc, self.vc, self.cos, self.sin,
+                 self.length, k.scale, k.eps, k.counters, k.norm, k.head, logits)  # fmt: skip
+        self.length += 1
+        return torch.from_numpy(logits[: self.n])
