@@ -565,7 +565,7 @@ def _row4(w, i, x, s, y, col):
         a0 += x[s, k] * v
         a1 += x[s + 1, k] * v
         a2 += x[s + 2, k] * v
-        a3 += x[s + 3, k] * v  # noqa: E702
+        a3 += x[s + 3, k] * v
     y[s, col + i], y[s + 1, col + i], y[s + 2, col + i], y[s + 3, col + i] = a0, a1, a2, a3
 
 
@@ -823,8 +823,8 @@ class DecodeKernel:
     """Runs one sample's decode steps of a Llama-family HF ``model`` (see :func:`unsupported`).
 
     :meth:`prefill` reads a prompt (or :meth:`load_cache` takes an HF prefill's keys and values), then
-    :meth:`step` feeds one token at a time (or :meth:`greedy` several);
-    the keys and values of ``capacity`` positions are preallocated, doubled when full.
+    :meth:`step` feeds one token at a time (or :meth:`greedy` several), or :meth:`samples` continues
+    as N samples; the keys and values of ``capacity`` positions are preallocated, doubled when full.
     """
 
     # Longest prompt the engine prefills here. Longer ones are faster through the HF model (its GEMMs
@@ -982,9 +982,9 @@ class DecodeKernel:
 class SamplesKernel:
     """The decode steps of N samples of one prompt, after a :class:`DecodeKernel` read the prompt.
 
-    Each :meth:`step` feeds one token per sample, all N in one compiled call: the prefill's tiles over
-    the N rows, so each weight row is read once per step for all of them, and each sample attends over
-    its own copy of the prompt's keys and values and its own tokens' since.
+    Each :meth:`step` feeds one token per sample, all N in one compiled call: the prefill's stages over
+    the N rows, each weight row read once per step for all of them (:func:`_gemm`'s ``stream``), and
+    each sample attending over its own copy of the prompt's keys and values and its own tokens' since.
     """
 
     def __init__(self, kernel: DecodeKernel, n: int):
@@ -1021,6 +1021,7 @@ class SamplesKernel:
         k = self.kernel
         self._reserve(self.length + 1)
         self.scratch[0][:, : self.n] = k.embed[tokens]  # each thread's copy of the rows' residual stream
+        self.scratch[0][:, self.n :] = 0.0  # the padding rows: from zero each step, so they stay small
         logits = np.empty((self.scratch[0].shape[1], k.head.shape[0]), np.float32)  # (P, V), fresh: callers keep it
         _samples(k._threads(), self.n, k.addresses, k.dims, self.scratch, self.kc, self.vc, self.cos, self.sin,
                  self.length, k.scale, k.eps, k.counters, k.norm, k.head, logits)  # fmt: skip
