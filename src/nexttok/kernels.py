@@ -540,6 +540,13 @@ def _tile2(w, i, x, s, y, col):
 
 # The prefill's tile of weight rows x 4 positions: 4 rows where AVX-512's 32 vector registers hold its 16 sums.
 _TILE_ROWS, _tile = (4, _tile4) if _WIDE else (2, _tile2)
+# Weight rows ahead whose cache lines the prefill asks for (llvm.prefetch), spread over a tile's passes:
+# its arithmetic otherwise leaves the memory idle between one tile's rows and the next's (the hardware's
+# prefetch follows the loads, and a tile's rows are loaded from memory only in its first pass). On the Zen
+# 3 VM (2 x 4 tiles), a 32-token prefill, medians of 40 interleaved rounds, six runs: 83-98 -> 72-91 ms
+# 4 rows ahead (7-17 ms less in each; 6 rows: 80, 8: 81 against 74; all lines at once before the tile:
+# 91-93 against 82-93, slower). Not measured with AVX-512's 4 x 4 tiles: there it stays off.
+_TILE_AHEAD = 0 if _WIDE else 4
 
 
 @njit(fastmath=_MATH, inline="always")
@@ -585,8 +592,15 @@ def _gemm(p, lo, hi, w, x, y, col, stream):
                 _row4(w, i, x, p - 4, y, col)
         return
     top = lo + (hi - lo) // _TILE_ROWS * _TILE_ROWS
+    lines = _TILE_ROWS * w.shape[1] // 16  # cache lines of a tile's weight rows
+    per = -(-lines // (p // 4))  # of the rows _TILE_AHEAD ahead, asked for before each group of 4 positions
     for i in range(lo, top, _TILE_ROWS):  # the tile's weight rows stay in L1 while every 4 positions of x pass by
+        ahead = w.ctypes.data + (i + _TILE_AHEAD) * w.shape[1] * 4
         for s in range(0, p, 4):
+            if _TILE_AHEAD:
+                first = s // 4 * per
+                for line in range(first, min(first + per, lines)):
+                    _prefetch(ahead + 64 * line)
             _tile(w, i, x, s, y, col)
     for i in range(top, hi):
         for s in range(p):
@@ -829,9 +843,11 @@ class DecodeKernel:
 
     # Longest prompt the engine prefills here. Longer ones are faster through the HF model (its GEMMs
     # gain from more rows, and it reads the weights once; the kernel once per block). Default model,
-    # 2 threads, kernel against HF: 8 tokens 41 against 81 ms, 32: 79 against 120, 48: 118 against 128,
-    # 64: 165 against 155, 96: 239 against 207.
-    PREFILL_MAX = 48
+    # 2 threads, kernel against HF, on the Zen 4 VM (AVX-512): 8 tokens 41 against 81 ms, 32: 79 against
+    # 120, 48: 118 against 128, 64: 165 against 155, 96: 239 against 207. On the Zen 3 VM (AVX2, with
+    # _TILE_AHEAD), medians of 8: 32: 88 against 144, 48: 125 / 177, 64: 162 / 199, 80: 213 / 226,
+    # 96: 247 / 265, 128: 337 / 314.
+    PREFILL_MAX = 48 if _WIDE else 96
 
     def __init__(self, model: torch.nn.Module, capacity: int = 256):
         m = model.model
