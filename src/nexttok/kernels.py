@@ -580,7 +580,7 @@ def _row4(w, i, x, s, y, col):
 def _gemm(p, lo, hi, w, x, y, col, stream):
     """y[:p, col+lo:col+hi] = x[:p] @ w[lo:hi].T, for x (P, in) and p <= P a multiple of 4.
 
-    With ``stream`` (the N-sample step: few rows, weights from memory), one weight row at a time meets
+    With ``stream`` (the step of up to 8 samples: few rows, weights from memory), one weight row at a time meets
     8 (or 4) rows of x: on the Zen 3 VM, streaming a 1 GiB matrix against 8 rows with 2 threads, 19-20
     GB/s where _tile's 2 interleaved weight rows read 14-16 (software prefetch made both slower). Else
     (a prompt's block: bound by arithmetic) :data:`_tile`, which computes faster on data in cache."""
@@ -751,18 +751,21 @@ def _samples_worker(t, nt, n, w, dims, scratch, kc, vc, cos, sin, pos, scale, ep
     xs, hs, qkv, att, o, act, d = scratch
     x, h = xs[t], hs[t]  # this thread's copy of the rows' residual stream and their normed input (P, hidden)
     blk = (n + 3) // 4 * 4
+    # One weight row against the rows streams faster up to 8 rows; from 16 rows the tiles compute faster
+    # (a 1 GiB matrix, 2 threads, Zen 3 VM: 8 rows 19-20 GB/s against 17-18, 16 rows 71 GFLOP/s against 103).
+    stream = blk <= 8
     kb, scores = np.empty((1, hd), np.float32), np.empty(pos + 1, np.float32)
     for layer in range(w.shape[0]):
-        _block_qkv(t, nt, blk, layer, w, dims, x, h, qkv[layer], eps, counters, True)
+        _block_qkv(t, nt, blk, layer, w, dims, x, h, qkv[layer], eps, counters, stream)
         for c in _chunks(counters, layer * _STAGES + 1, t, nt, n * heads, 0, 0):
             s = c // heads  # each (sample, head) pair is one chunk: the sample's one position, over its own cache
             q, out = qkv[layer, s : s + 1], att[layer, s : s + 1]
             _attention_block(c % heads, 1, q, kc[layer, s], vc[layer, s], cos, sin, pos, scale, out, kb, scores)
-        _block_mlp(t, nt, blk, layer, w, dims, x, h, att[layer], o[layer], act[layer], d[layer], eps, counters, True)
+        _block_mlp(t, nt, blk, layer, w, dims, x, h, att[layer], o[layer], act[layer], d[layer], eps, counters, stream)
     for s in range(blk):
         _rmsnorm(x[s], norm, eps, h[s])
     for c in _chunks(counters, w.shape[0] * _STAGES, t, nt, -(-head.shape[0] // _OUT_ROWS), 0, 0):
-        _gemm(blk, c * _OUT_ROWS, min((c + 1) * _OUT_ROWS, head.shape[0]), head, h, logits, 0, True)
+        _gemm(blk, c * _OUT_ROWS, min((c + 1) * _OUT_ROWS, head.shape[0]), head, h, logits, 0, stream)
 
 
 @njit(parallel=_PRANGE_ONLY, cache=True)
