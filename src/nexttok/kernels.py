@@ -19,13 +19,14 @@ A short prompt's prefill runs the same stages over blocks of up to 32 positions 
 there each weight row meets every position, so it is bound by arithmetic, done in tiles of dot
 products (:data:`_tile`: 4 weight rows x 4 positions with AVX-512, 2 x 4 with AVX2), 63-79 ms for a
 32-token prompt of the default model on the AMD Zen 4 VM measured where the HF forward pass took 88-120
-(Zen 3: 81 ms, against 96 with 4 x 4 tiles and 112-137 for the HF forward pass). Past
-DecodeKernel.PREFILL_MAX tokens the HF model's prefill is faster (:meth:`load_cache`).
+(Zen 3: 72-91 ms with the weight rows asked for ahead, :data:`_TILE_AHEAD`, against 83-98 without,
+96 with 4 x 4 tiles and 112-144 for the HF forward pass). Past DecodeKernel.PREFILL_MAX tokens the
+HF model's prefill is faster (:meth:`load_cache`).
 
 N samples of one prompt (:class:`SamplesKernel`) step through the same stages over their N rows, one
-compiled call per step, each sample attending over its own copy of the keys and values; their GEMM
-takes one weight row at a time against 8 rows (:func:`_gemm`'s ``stream``), which streams the
-weights from memory faster than the prefill's tiles.
+compiled call per step, each sample attending over its own copy of the keys and values; up to 8
+samples their GEMM takes one weight row at a time against 8 rows (:func:`_gemm`'s ``stream``),
+which streams the weights from memory faster than the prefill's tiles.
 
 This is not a second model: the weights are the Hugging Face model's own tensors, read in place;
 loading, saving and training stay the HF model's. Tests check the logits
