@@ -837,6 +837,14 @@ def _rope_tables(model: torch.nn.Module, capacity: int) -> tuple[np.ndarray, np.
     return cos[0].numpy().copy(), sin[0].numpy().copy()
 
 
+def _grown(cache: np.ndarray, length: int, capacity: int) -> np.ndarray:
+    """A copy of keys or values ``cache`` (..., T, hd) with room for ``capacity`` positions, keeping the first
+    ``length`` (the rest zeros)."""
+    grown = np.zeros((*cache.shape[:-2], capacity, cache.shape[-1]), np.float32)
+    grown[..., :length, :] = cache[..., :length, :]
+    return grown
+
+
 class DecodeKernel:
     """Runs one sample's decode steps of a Llama-family HF ``model`` (see :func:`unsupported`).
 
@@ -905,12 +913,11 @@ class DecodeKernel:
 
     def _allocate(self, capacity: int) -> None:
         """Key/value arrays (layers, nkv, capacity, hd) and RoPE tables for ``capacity`` positions."""
-        shape = (len(self.layers), self.nkv, capacity, self.hd)
-        kc, vc = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         if hasattr(self, "kc"):  # growing: keep the positions written so far
-            kc[:, :, : self.length] = self.kc[:, :, : self.length]
-            vc[:, :, : self.length] = self.vc[:, :, : self.length]
-        self.kc, self.vc = kc, vc
+            self.kc, self.vc = _grown(self.kc, self.length, capacity), _grown(self.vc, self.length, capacity)
+        else:
+            shape = (len(self.layers), self.nkv, capacity, self.hd)
+            self.kc, self.vc = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         self.cos, self.sin = _rope_tables(self.model, capacity)
 
     def prefill(self, ids: list[int]) -> torch.Tensor:
@@ -935,11 +942,7 @@ class DecodeKernel:
         n = len(ids)
         self._reserve(self.length + n)
         if self._blocks is None:
-            hidden, nq, nk, inter = self.dims
-            per_thread = (numba.config.NUMBA_NUM_THREADS, _BLOCK, hidden)
-            per_layer = (nq + 2 * nk, nq, hidden, inter, hidden)  # zeros: positions past n stay finite
-            self._blocks = (np.empty(per_thread, np.float32), np.empty(per_thread, np.float32))
-            self._blocks += tuple(np.zeros((len(self.layers), _BLOCK, size), np.float32) for size in per_layer)
+            self._blocks = self._block_buffers(_BLOCK)
         self._blocks[0][:, :n] = self.embed[ids]  # each thread's copy of the residual stream
         self._blocks[0][:, n:] = 0.0
         logits = np.empty(self.head.shape[0], np.float32)
@@ -948,6 +951,16 @@ class DecodeKernel:
                  self.length, self.scale, self.eps, self.counters, self.norm, self.head, self._out)  # fmt: skip
         self.length += n
         return logits
+
+    def _block_buffers(self, rows: int) -> tuple:
+        """Buffers for a block of ``rows`` rows (the prefill's positions, or samples): per thread, the rows'
+        residual stream and normed input (threads, rows, hidden); per layer (as ``scratch``), q/k/v,
+        attention, o, gate*up, down (layers, rows, size), zeros: rows past those fed stay finite."""
+        hidden, nq, nk, inter = self.dims
+        per_thread = (numba.config.NUMBA_NUM_THREADS, rows, hidden)
+        per_layer = (nq + 2 * nk, nq, hidden, inter, hidden)
+        buffers = (np.empty(per_thread, np.float32), np.empty(per_thread, np.float32))
+        return buffers + tuple(np.zeros((len(self.layers), rows, size), np.float32) for size in per_layer)
 
     def samples(self, n: int) -> SamplesKernel:
         """Continue as ``n`` samples of what was read so far (:class:`SamplesKernel`)."""
@@ -1009,30 +1022,18 @@ class SamplesKernel:
 
     def __init__(self, kernel: DecodeKernel, n: int):
         self.kernel, self.n, self.length = kernel, n, kernel.length
-        hidden, nq, nk, inter = kernel.dims
-        blk = -(-n // 4) * 4  # rows computed: whole tiles of 4 (zeros past n: they stay finite, unread)
-        per_thread = (numba.config.NUMBA_NUM_THREADS, blk, hidden)
-        self.scratch = (np.zeros(per_thread, np.float32), np.zeros(per_thread, np.float32))
-        self.scratch += tuple(np.zeros((len(kernel.layers), blk, size), np.float32)
-                              for size in (nq + 2 * nk, nq, hidden, inter, hidden))  # fmt: skip
+        self.scratch = kernel._block_buffers(-(-n // 4) * 4)  # rows computed: whole tiles of 4
         # (layers, n, nkv, T, hd): every sample's copy of the prompt's keys and values
         self.kc = np.repeat(kernel.kc[:, None], n, axis=1)
         self.vc = np.repeat(kernel.vc[:, None], n, axis=1)
         self.cos, self.sin = kernel.cos, kernel.sin
 
     def _reserve(self, positions: int) -> None:
-        capacity = self.kc.shape[3]
-        if positions <= capacity:
-            return
-        capacity = max(positions, 2 * capacity)
-        shape = (*self.kc.shape[:3], capacity, self.kc.shape[4])
-        kc, vc = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        kc[:, :, :, : self.length], vc[:, :, :, : self.length] = (
-            self.kc[:, :, :, : self.length],
-            self.vc[:, :, :, : self.length],
-        )
-        self.kc, self.vc = kc, vc
-        self.cos, self.sin = _rope_tables(self.kernel.model, capacity)
+        """As DecodeKernel._reserve, for every sample's keys and values."""
+        if positions > self.kc.shape[3]:
+            capacity = max(positions, 2 * self.kc.shape[3])
+            self.kc, self.vc = _grown(self.kc, self.length, capacity), _grown(self.vc, self.length, capacity)
+            self.cos, self.sin = _rope_tables(self.kernel.model, capacity)
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Feed ``tokens[i]`` to sample i at the next position; the next-token logits, shape (N, V)."""
