@@ -131,13 +131,22 @@ class Decoder:
     def __init__(self, lm: LM, fast: bool = True, kernel: bool = True):
         from transformers import DynamicCache
 
-        self.model = inference_model(lm.model) if fast and lm.model.device.type == "cpu" else lm.model
-        self.cache = DynamicCache(config=self.model.config)
+        self._fast = fast and lm.model.device.type == "cpu"
+        self._model = None  # the model the torch path calls: made on its first call (:attr:`model`)
+        self.cache = DynamicCache(config=lm.model.config)
         self.forward_calls = 0
         self._hf_model = lm.model
         self.kernel = None  # the compiled one-sample step (kernels.py), when it covers the model
         self.samples = None  # the compiled step of N samples of one prompt (kernels.SamplesKernel), likewise
         self._use_kernel = fast and kernel and os.environ.get("NEXTTOK_NUMBA", "1") != "0"
+
+    @property
+    def model(self) -> nn.Module:
+        """The model the torch path runs: the inference copy (:func:`inference_model`) on the CPU. Made on
+        first use, so a run that the compiled kernel does alone skips its check of every parameter (~10 ms)."""
+        if self._model is None:
+            self._model = inference_model(self._hf_model) if self._fast else self._hf_model
+        return self._model
 
     @torch.inference_mode()
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -155,7 +164,7 @@ class Decoder:
             self.forward_calls += 1
             logits = kernel.prefill(ids)  # (1, V)
         else:
-            logits = self._forward(torch.tensor([ids], device=self.model.device))  # (1, V)
+            logits = self._forward(torch.tensor([ids], device=self._hf_model.device))  # (1, V)
             if kernel is not None:
                 kernel.load_cache(self.cache, len(ids))
         if batch == 1:
@@ -176,7 +185,7 @@ class Decoder:
             self.forward_calls += 1
             self._move_when_due(1)
             return self.samples.step(tokens.view(-1).tolist())  # (N, V)
-        return self._forward(tokens.view(-1, 1).to(self.model.device))  # (B, 1) -> (B, V)
+        return self._forward(tokens.view(-1, 1).to(self._hf_model.device))  # (B, 1) -> (B, V)
 
     def greedy(self, token: int, n: int, top: int, stop: Container[int] = ()) -> list:
         """Up to ``n`` greedy steps of the compiled kernel in one call (``kernels.DecodeKernel.greedy``):
