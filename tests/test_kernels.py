@@ -271,6 +271,22 @@ def test_silu_with_its_own_exp_equals_torch_over_the_whole_float_range():
     assert error.max() > 0  # not torch's own result by accident
 
 
+def test_softmax_exp_equals_torch_within_an_ulp_and_is_clamped_below():
+    import numpy as np
+
+    # multiples of 2^-10, so that shifting by ``top`` and back is exact in float32
+    v = np.concatenate([np.arange(-102400, 1) / 1024, [0.0, -86.9, -87.0, -87.1, -300.0]]).astype(np.float32)
+    top = np.float32(2.0)
+    out = v + top  # exp(out - top): the shift is part of what is tested
+    kernels._exp_shifted(out.shape[0], out, top, np.empty_like(v), np.empty(v.shape[0], np.int32))
+    exact = torch.from_numpy(v).double().exp()
+    error = (torch.from_numpy(out).double() - exact).abs()
+    torch_fp32 = torch.from_numpy(v).exp().double()
+    # as close as torch's float32 exp, within two units in the last place; below -87 clamped (under 2e-38)
+    assert (error <= 2 * (torch_fp32 - exact).abs() + 2.4e-7 * exact + 2e-38).all()
+    assert out[-1] < 2e-38 and out[-5] == 1.0
+
+
 @pytest.mark.parametrize("dot", ["_dot_paced", "_dot_plain"])
 @pytest.mark.parametrize("length", [1, 63, 64, 65, 130, 576, 1536])
 def test_dot_covers_every_column(length, dot):
@@ -350,11 +366,18 @@ def test_the_attention_asks_for_one_line_per_position_and_loop_up_to_its_end():
     cos, sin = np.ones((8, hd), np.float32), np.zeros((8, hd), np.float32)
     out = np.empty(hd, np.float32)
     args = (0, qkv, kc, vc, cos, sin, pos, np.float32(0.5), out)
-    assert kernels._attention_head(*args, 4096, 10**9) == 4096 + 64 * 2 * pos  # hints never fault
+    work = (np.empty(hd, np.float32), np.empty(hd, np.float32), *np.full((2, pos + 1), np.nan, np.float32))
+    work += (np.empty(pos + 1, np.int32),)  # the thread's buffers: what they held before does not matter
+    assert kernels._attention_head(*args, 4096, 10**9, work) == 4096 + 64 * 2 * pos  # hints never fault
     first = out.copy()
-    assert kernels._attention_head(*args, 4096, 4096 + 128) == 4096 + 128  # stops at its end
-    assert kernels._attention_head(*args, 4096, 4096) == 4096
+    assert kernels._attention_head(*args, 4096, 4096 + 128, work) == 4096 + 128  # stops at its end
+    assert kernels._attention_head(*args, 4096, 4096, work) == 4096
     np.testing.assert_array_equal(out, first)  # the hints change nothing computed
+    # against the softmax computed in float64 (both heads share the one key/value head; no rotation here)
+    q, k, v = (qkv[i * hd : (i + 1) * hd].astype(np.float64) for i in (0, 2, 3))
+    keys, values = np.vstack([kc[0, :pos], k]), np.vstack([vc[0, :pos], v])
+    p = np.exp(keys @ q * 0.5 - (keys @ q * 0.5).max())
+    np.testing.assert_allclose(out, p @ values / p.sum(), rtol=1e-5, atol=1e-6)
 
 
 def test_the_paced_dot_is_chosen_for_avx512_only(monkeypatch):
