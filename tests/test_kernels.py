@@ -412,6 +412,20 @@ def test_a_thread_prefetches_where_its_share_of_the_next_stage_begins():
     assert kernels._qkv_share(layer, dims, 4, 5, 30) == 3 * 10**6
 
 
+def test_one_sample_runs_do_not_wait_for_the_n_sample_step_to_be_compiled(tiny_lm, monkeypatch, tmp_path):
+    """Only N-sample runs compile the N-sample step: until one does, one-sample runs are not announced as compiling."""
+    from types import SimpleNamespace
+
+    decoder = Decoder(tiny_lm)
+    decoder.prefill(tiny_lm.encode("To be"))
+    decoder.step(torch.tensor([3]))
+    decoder.summary(3)
+    assert kernels.compiled_on_disk()  # the one-sample functions, compiled (now or before) and cached on disk
+    missing = SimpleNamespace(_index_path=str(tmp_path / "never-written.nbi"))
+    monkeypatch.setattr(kernels, "_samples", SimpleNamespace(_cache=SimpleNamespace(_cache_file=missing)))
+    assert kernels.compiled_on_disk() and not kernels.compiled_on_disk(samples=True)
+
+
 def test_a_kernel_not_yet_compiled_is_announced(tiny_lm, monkeypatch, caplog):
     """The first use after install compiles for about a minute: one line says so, instead of a silent wait."""
     ids = tiny_lm.encode("To be")
@@ -420,11 +434,16 @@ def test_a_kernel_not_yet_compiled_is_announced(tiny_lm, monkeypatch, caplog):
     decoder.step(torch.tensor([3]))
     decoder.summary(3)
     assert kernels.compiled_on_disk()  # compiled now if no test before did, and cached on disk by numba
+    two = Decoder(tiny_lm)
+    two.prefill(ids, 2)
+    two.step(torch.tensor([3, 4]))
+    assert kernels.compiled_on_disk(samples=True)
     with caplog.at_level("WARNING", logger="nexttok.engine"):
         caplog.clear()
         Decoder(tiny_lm).prefill(ids)
+        Decoder(tiny_lm).prefill(ids, 2)
         assert not caplog.records
-        monkeypatch.setattr(kernels, "compiled_on_disk", lambda: False)
+        monkeypatch.setattr(kernels, "compiled_on_disk", lambda samples=False: False)
         Decoder(tiny_lm).prefill(ids)
     assert [r.getMessage() for r in caplog.records] == [
         "nexttok: compiling the decode kernel for this CPU (once after install: about a minute on 2 cores)"

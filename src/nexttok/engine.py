@@ -159,7 +159,7 @@ class Decoder:
         # On a model the compiled kernel covers, the kernel reads a short prompt too (faster up to
         # DecodeKernel.PREFILL_MAX tokens; a longer one goes through the HF model, its cache to the kernel).
         # N samples then continue from N copies of the prompt's keys and values, one compiled call per step.
-        kernel = _decode_kernel(self._hf_model, len(ids)) if self._use_kernel else None
+        kernel = _decode_kernel(self._hf_model, len(ids), batch > 1) if self._use_kernel else None
         if kernel is not None and len(ids) <= kernel.PREFILL_MAX:
             self.forward_calls += 1
             logits = kernel.prefill(ids)  # (1, V)
@@ -222,9 +222,9 @@ def _hugepages_due(model: nn.Module, steps: int = 1) -> bool:
     return before < HUGEPAGES_AFTER <= before + steps and os.environ.get("NEXTTOK_HUGEPAGES", "1") != "0"
 
 
-def _decode_kernel(model: nn.Module, length: int):
-    """kernels.DecodeKernel for ``model`` and a prompt of ``length`` tokens when it covers the model and numba
-    imports; None otherwise (the torch path)."""
+def _decode_kernel(model: nn.Module, length: int, samples: bool = False):
+    """kernels.DecodeKernel for ``model`` and a prompt of ``length`` tokens (continued as N ``samples``) when
+    it covers the model and numba imports; None otherwise (the torch path)."""
     try:
         with _gc.paused(freeze=_gc.freeze_after_load):  # numba and llvmlite: many long-lived objects (_gc.py)
             from nexttok import kernels
@@ -232,7 +232,7 @@ def _decode_kernel(model: nn.Module, length: int):
         return None
     if kernels.unsupported(model):
         return None
-    if not kernels.compiled_on_disk():
+    if not kernels.compiled_on_disk(samples):
         _log.warning(
             "nexttok: compiling the decode kernel for this CPU (once after install: about a minute on 2 cores)"
         )

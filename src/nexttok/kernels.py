@@ -794,11 +794,13 @@ def _samples(nt, n, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counter
         _store_block(scratch[2][:, s : s + 1], kc[:, s], vc[:, s], cos, sin, pos, 1)
 
 
-def compiled_on_disk() -> bool:
-    """Whether numba's on-disk cache holds the compiled step and prefill (else their first calls compile
-    them: ~50 s for one sample and ~20 s more for N samples on the 2-core Zen 3 VM, once after install)."""
+def compiled_on_disk(samples: bool = False) -> bool:
+    """Whether numba's on-disk cache holds the compiled step and prefill, and with ``samples`` the step of N
+    samples (else their first calls compile them: ~50 s for one sample and ~20 s more for N samples on the
+    2-core Zen 3 VM, once after install). A process that never runs N samples never compiles theirs."""
+    functions = (_step, _prefill, _summarize) + ((_samples,) if samples else ())
     try:
-        return all(os.path.exists(f._cache._cache_file._index_path) for f in (_step, _prefill, _samples, _summarize))
+        return all(os.path.exists(f._cache._cache_file._index_path) for f in functions)
     except AttributeError:  # numba's cache internals moved: say nothing rather than guess
         return True
 
