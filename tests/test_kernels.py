@@ -366,12 +366,10 @@ def test_the_attention_asks_for_one_line_per_position_and_loop_up_to_its_end():
     cos, sin = np.ones((8, hd), np.float32), np.zeros((8, hd), np.float32)
     out = np.empty(hd, np.float32)
     args = (0, qkv, kc, vc, cos, sin, pos, np.float32(0.5), out)
-    work = (np.empty(hd, np.float32), np.empty(hd, np.float32), *np.full((2, pos + 1), np.nan, np.float32))
-    work += (np.empty(pos + 1, np.int32),)  # the thread's buffers: what they held before does not matter
-    assert kernels._attention_head(*args, 4096, 10**9, work) == 4096 + 64 * 2 * pos  # hints never fault
+    assert kernels._attention_head(*args, 4096, 10**9) == 4096 + 64 * 2 * pos  # hints never fault
     first = out.copy()
-    assert kernels._attention_head(*args, 4096, 4096 + 128, work) == 4096 + 128  # stops at its end
-    assert kernels._attention_head(*args, 4096, 4096, work) == 4096
+    assert kernels._attention_head(*args, 4096, 4096 + 128) == 4096 + 128  # stops at its end
+    assert kernels._attention_head(*args, 4096, 4096) == 4096
     np.testing.assert_array_equal(out, first)  # the hints change nothing computed
     # against the softmax computed in float64 (both heads share the one key/value head; no rotation here)
     q, k, v = (qkv[i * hd : (i + 1) * hd].astype(np.float64) for i in (0, 2, 3))

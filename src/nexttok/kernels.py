@@ -348,7 +348,7 @@ def _ask_far(ahead, end):
 
 
 @njit(fastmath=_MATH)
-def _attention_head(head, qkv, kc, vc, cos, sin, pos, scale, out, ahead, end, work):
+def _attention_head(head, qkv, kc, vc, cos, sin, pos, scale, out, ahead, end):
     """One query head's attention output (hd,) over positions < pos in kc, vc (nkv, T, hd), and pos.
 
     Position pos's key and value are taken from ``qkv`` (this step's projections); :func:`_store_block`
@@ -358,7 +358,9 @@ def _attention_head(head, qkv, kc, vc, cos, sin, pos, scale, out, ahead, end, wo
     nkv, hd = kc.shape[0], kc.shape[2]
     nq = qkv.shape[0] - 2 * nkv * hd
     g = head // ((nq // hd) // nkv)
-    q, k, scores, e, bits = work  # this thread's buffers (allocating them per head measured 23% of its time)
+    # per head: allocating these once per step instead measured slower in whole runs (docs/generate.md)
+    q, k, scores = np.empty(hd, np.float32), np.empty(hd, np.float32), np.empty(pos + 1, np.float32)
+    e, bits = np.empty(pos + 1, np.float32), np.empty(pos + 1, np.int32)
     _rope(qkv, head * hd, cos, sin, pos, q)
     _rope(qkv, nq + g * hd, cos, sin, pos, k)
     v = qkv[nq + nkv * hd + g * hd : nq + nkv * hd + (g + 1) * hd]
@@ -370,7 +372,7 @@ def _attention_head(head, qkv, kc, vc, cos, sin, pos, scale, out, ahead, end, wo
         scores[pos] += k[d] * q[d] * scale
     # The softmax's exponentials vectorized (_exp_shifted), where numba calls expf per position: they were
     # most of the attention's time. Whole 128-token runs on the Zen 3 VM, paired against np.exp:
-    # +0.024 +- 0.004 of the ceiling over 106 interleaved rounds.
+    # +0.024 +- 0.004 of the ceiling over 106 interleaved rounds, +0.015 +- 0.007 over 60 in another run.
     _exp_shifted(pos + 1, scores, scores[: pos + 1].max(), e, bits)
     total = scores[: pos + 1].sum()
     for d in range(hd):
@@ -392,9 +394,6 @@ def _worker(t, nt, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters
     xs, hs, qkv, att, o, act, d = scratch
     x, h = xs[t], hs[t]  # this thread's copy of the residual stream and of its normed input (hidden,)
     buf, bits = np.empty((3, _ROWS), np.float32), np.empty(_ROWS, np.int32)  # a chunk's gate, up, exp (_silu_mul)
-    # the attention's: rotated query and key (hd,), scores and _exp_shifted's scratch (pos + 1,)
-    work = (np.empty(hd, np.float32), np.empty(hd, np.float32), np.empty(pos + 1, np.float32),
-            np.empty(pos + 1, np.float32), np.empty(pos + 1, np.int32))  # fmt: skip
     # chunks per stage: q/k/v rows, hidden rows (o, down), intermediate rows (gate/up), output rows
     n_qkv, n_hidden, n_inter = -(-(nq + 2 * nk) // _ROWS), -(-hidden // _ROWS), -(-inter // _ROWS)
     n_head = -(-head.shape[0] // _OUT_ROWS)
@@ -418,8 +417,7 @@ def _worker(t, nt, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters
         ahead = o_at + 64 * _AHEAD
         for c in _chunks(counters, stage + 1, t, nt, nq // hd, ahead, _AHEAD):
             head_out = att[layer, c * hd : (c + 1) * hd]
-            ahead = _attention_head(c, qkv[layer], kc[layer], vc[layer], cos, sin, pos, scale, head_out, ahead, o_end,
-                                    work)  # fmt: skip
+            ahead = _attention_head(c, qkv[layer], kc[layer], vc[layer], cos, sin, pos, scale, head_out, ahead, o_end)
         for c in _chunks(counters, stage + 2, t, nt, n_hidden, g_at, _AHEAD):
             _rows(c, _ROWS, _matrix(a[_WO], hidden, nq), att[layer], o[layer])
         bo = _matrix(a[_BO], 1, hidden)[0]
