@@ -373,8 +373,8 @@ def _attention_head(head, qkv, kc, vc, cos, sin, pos, scale, out, ahead, end):
     # The softmax's exponentials vectorized (_exp_shifted), where numba calls expf per position: they were
     # most of the attention's time. Whole 128-token runs on the Zen 3 VM, paired against np.exp:
     # +0.024 +- 0.004 of the ceiling over 106 interleaved rounds, +0.015 +- 0.007 over 60 in another run.
-    _exp_shifted(pos + 1, scores, scores[: pos + 1].max(), e, bits)
-    total = scores[: pos + 1].sum()
+    _exp_shifted(pos + 1, scores, scores.max(), e, bits)
+    total = scores.sum()
     for d in range(hd):
         out[d] = scores[pos] * v[d]
     for t in range(pos):
