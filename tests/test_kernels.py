@@ -410,14 +410,21 @@ def test_a_thread_prefetches_where_its_share_of_the_next_stage_begins():
     assert kernels._qkv_share(layer, dims, 4, 5, 30) == 3 * 10**6
 
 
+def _decode_once(lm, ids: list[int], rows: int = 1) -> None:
+    """A prefill and one step of ``rows`` samples (and a one-sample step's summary): what compiles their
+    kernel functions, or loads them from numba's cache on disk."""
+    decoder = Decoder(lm)
+    decoder.prefill(ids, rows)
+    decoder.step(torch.arange(3, 3 + rows))
+    if rows == 1:
+        decoder.summary(3)
+
+
 def test_one_sample_runs_do_not_wait_for_the_n_sample_step_to_be_compiled(tiny_lm, monkeypatch, tmp_path):
     """Only N-sample runs compile the N-sample step: until one does, one-sample runs are not announced as compiling."""
     from types import SimpleNamespace
 
-    decoder = Decoder(tiny_lm)
-    decoder.prefill(tiny_lm.encode("To be"))
-    decoder.step(torch.tensor([3]))
-    decoder.summary(3)
+    _decode_once(tiny_lm, tiny_lm.encode("To be"))
     assert kernels.compiled_on_disk()  # the one-sample functions, compiled (now or before) and cached on disk
     missing = SimpleNamespace(_index_path=str(tmp_path / "never-written.nbi"))
     monkeypatch.setattr(kernels, "_samples", SimpleNamespace(_cache=SimpleNamespace(_cache_file=missing)))
@@ -427,14 +434,9 @@ def test_one_sample_runs_do_not_wait_for_the_n_sample_step_to_be_compiled(tiny_l
 def test_a_kernel_not_yet_compiled_is_announced(tiny_lm, monkeypatch, caplog):
     """The first use after install compiles for about a minute: one line says so, instead of a silent wait."""
     ids = tiny_lm.encode("To be")
-    decoder = Decoder(tiny_lm)
-    decoder.prefill(ids)
-    decoder.step(torch.tensor([3]))
-    decoder.summary(3)
+    _decode_once(tiny_lm, ids)
     assert kernels.compiled_on_disk()  # compiled now if no test before did, and cached on disk by numba
-    two = Decoder(tiny_lm)
-    two.prefill(ids, 2)
-    two.step(torch.tensor([3, 4]))
+    _decode_once(tiny_lm, ids, rows=2)
     assert kernels.compiled_on_disk(samples=True)
     with caplog.at_level("WARNING", logger="nexttok.engine"):
         caplog.clear()
