@@ -93,7 +93,9 @@ class _InferenceLinear(nn.Module):
         return self.linear(x)
 
 
-def _weights_version(model: nn.Module) -> tuple[int, ...]:
+def weights_version(model: nn.Module) -> tuple[int, ...]:
+    """A value that changes when any of ``model``'s parameters is updated in place or replaced (copies of
+    the weights made for speed compare it to know they are stale)."""
     # In-place updates (optimizer steps, load_state_dict) bump a tensor's version: the copy is then stale.
     # Tensors made under inference_mode have no version counter: -1 (they cannot be updated in place later).
     return tuple(p._version if not p.is_inference() else -1 for p in model.parameters()) + tuple(
@@ -105,7 +107,7 @@ def inference_model(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for inference on the CPU: the same modules and the same (shared) parameters, except that
     each bias-free ``nn.Linear`` picks its kernel by call shape (:class:`_InferenceLinear`).
     Built once and cached on the model; rebuilt when the model's weights change."""
-    version = _weights_version(model)
+    version = weights_version(model)
     cached = getattr(model, "_nexttok_inference", None)
     if cached is not None and cached[0] == version:
         return cached[1]
@@ -197,9 +199,14 @@ class Decoder:
         return summaries
 
     def _move_when_due(self, steps: int) -> None:
-        """Before ``steps`` more kernel steps: move the weights onto huge pages when these steps reach
-        HUGEPAGES_AFTER, and have the kernel read them from there."""
-        if _hugepages_due(self._hf_model, steps) and move_to_hugepages(self._hf_model):
+        """Before ``steps`` more kernel steps: when these steps reach HUGEPAGES_AFTER, move the weights onto
+        huge pages and make their packed copy (nexttok.packed), and have the kernel read them from there."""
+        if not _hugepages_due(self._hf_model, steps):
+            return
+        from nexttok.packed import pack
+
+        moved = os.environ.get("NEXTTOK_HUGEPAGES", "1") != "0" and move_to_hugepages(self._hf_model)
+        if (pack(self._hf_model) is not None) or moved:
             (self.kernel or self.samples.kernel).rebind()  # the weights now live elsewhere
 
     def summary(self, top: int):
@@ -208,18 +215,18 @@ class Decoder:
         return None if self.kernel is None else self.kernel.summary(top)
 
 
-# The kernel's decode moves the model's weights into a huge-page arena in reading order (hugepages.py) once
-# this process has decoded this many tokens of it: the move costs ~1 s on the VM measured, so a one-shot
+# The kernel's decode moves the model's weights into a huge-page arena in reading order (hugepages.py), and
+# makes their packed copy (packed.py), once this process has decoded this many tokens of it: the move
+# costs ~1 s on the VM measured and the copy ~0.5 s and the model's size in memory, so a one-shot
 # `nexttok generate` of a few hundred tokens never pays it, and a chat, a server or a benchmark soon does.
 HUGEPAGES_AFTER = 512
 
 
 def _hugepages_due(model: nn.Module, steps: int = 1) -> bool:
-    """Count ``steps`` kernel steps of ``model``; True when they include the HUGEPAGES_AFTER-th
-    (``NEXTTOK_HUGEPAGES=0``: never)."""
+    """Count ``steps`` kernel steps of ``model``; True when they include the HUGEPAGES_AFTER-th."""
     before = getattr(model, "_nexttok_kernel_steps", 0)
     model._nexttok_kernel_steps = before + steps  # a plain attribute: not a parameter, not in the state dict
-    return before < HUGEPAGES_AFTER <= before + steps and os.environ.get("NEXTTOK_HUGEPAGES", "1") != "0"
+    return before < HUGEPAGES_AFTER <= before + steps
 
 
 def _decode_kernel(model: nn.Module, length: int, samples: bool = False):

@@ -14,6 +14,8 @@ the VM serves slower does not hold the rest up), and a stage ends when all its c
 (:func:`_chunks`). Starting and joining an OpenMP region per stage instead (151 per step) measured
 ~9% slower, and handing out all chunks from one shared counter slower still (cache-line traffic).
 The small vectors (the residual stream, norms) are recomputed by each thread rather than waited for.
+Once the engine has made the model's packed copy (nexttok.packed: each matrix in tiles of 32 rows stored
+column by column), the step reads that instead of the rows (:func:`_tile_dot`), which streams faster.
 
 A short prompt's prefill runs the same stages over blocks of up to 32 positions (:func:`_prefill`):
 there each weight row meets every position, so it is bound by arithmetic, done in tiles of dot
@@ -50,6 +52,13 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from nexttok import packed
+from nexttok.packed import DOWN as _P_DOWN
+from nexttok.packed import GATE_UP as _P_GATE_UP
+from nexttok.packed import O_PROJ as _P_O
+from nexttok.packed import QKV as _P_QKV
+from nexttok.packed import TILE
+
 # Reassociation lets LLVM vectorize the dot products; no-NaN/no-inf assumptions are left out.
 _MATH = {"reassoc", "contract", "nsz", "arcp"}
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -60,6 +69,7 @@ _ROWS = 32  # rows per chunk: 74-197 KB of weights for this model's matrices (16
 _PAD = 16  # int64s between counters: each on its own 128-byte pair of cache lines
 _AHEAD = 256  # cache lines (16 KB) of the next stage's weights to ask for when a stage's chunks run out (_chunks)
 _OUT_ROWS = 128  # rows per chunk of the output layer (its statistics are per chunk: _out_chunk)
+assert _ROWS == TILE and _OUT_ROWS % TILE == 0  # a chunk is whole tiles of the packed copy (_tiled_rows)
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 # Only the prange loops are wanted parallel; parallel=True also looks for more to parallelize in what
 # they call (array expressions, reductions...): first compile 28 -> 23 s for the prefill, 17.5 -> 14.6 s
@@ -148,6 +158,34 @@ def _f32_pointer(typingctx, address):
         return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
 
     return types.CPointer(types.float32)(types.int64), codegen
+
+
+@intrinsic
+def _tile_dot(typingctx, tile, x, n, out):
+    """out[k] = sum over j < n of tile[j, k] x[j], for k < TILE: a packed tile (n, TILE) float32 at address
+    ``tile`` (nexttok.packed), x (n,) and out (TILE,) at addresses. The TILE sums are one vector held in
+    registers, and each x[j] is broadcast against a row of the tile: one load per TILE/8 vectors of weights
+    beside theirs, where a row-by-row dot product loads as many values of x as of weights (packed.py)."""
+
+    def codegen(context, builder, sig, args):
+        tile, x, n, out = args
+        f32, vec, i64 = ir.FloatType(), ir.VectorType(ir.FloatType(), TILE), ir.IntType(64)
+        name = f"llvm.fmuladd.v{TILE}f32"
+        fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), name)
+        acc = cgutils.alloca_once(builder, vec)  # promoted to registers by LLVM
+        builder.store(ir.Constant(vec, [0.0] * TILE), acc)
+        rows, xs = builder.inttoptr(tile, vec.as_pointer()), builder.inttoptr(x, f32.as_pointer())
+        lanes = ir.Constant(ir.VectorType(ir.IntType(32), TILE), [0] * TILE)
+        with cgutils.for_range(builder, n) as loop:
+            value = builder.load(builder.gep(xs, [loop.index]))
+            one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, i64(0))
+            broadcast = builder.shuffle_vector(one, one, lanes)  # x[j] in every lane
+            weights = builder.load(builder.gep(rows, [loop.index]), align=4)  # tile row j
+            builder.store(builder.call(fmuladd, [weights, broadcast, builder.load(acc)]), acc)
+        builder.store(builder.load(acc), builder.inttoptr(out, vec.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
 
 
 @njit(inline="always")
@@ -274,6 +312,17 @@ def _rows(c, rows, w, x, out):
         out[i] = _dot(w, i, x)
 
 
+@njit(inline="always")
+def _tiled_rows(c, rows, tiles, n, x, out, tmp):
+    """out[i] = W[i] . x for chunk c's rows (``rows`` per chunk, a multiple of TILE) of a packed matrix W
+    (n rows, x.shape[0] columns) whose tiles begin at address ``tiles``."""
+    cols = x.shape[0]
+    for b in range(c * rows // TILE, min(-(-n // TILE), (c + 1) * rows // TILE)):
+        _tile_dot(tiles + b * cols * TILE * 4, x.ctypes.data, cols, tmp.ctypes.data)
+        for k in range(min(TILE, n - b * TILE)):
+            out[b * TILE + k] = tmp[k]
+
+
 @njit(fastmath=_MATH, inline="always")
 def _qkv_rows(c, wq, wk, wv, bias, h, out):
     nq, nk = wq.shape[0], wk.shape[0]
@@ -329,12 +378,18 @@ def _exp_shifted(n, v, top, e, bits):
 
 
 @njit(fastmath=_MATH, inline="always")
-def _gated_rows(c, wg, wu, h, out, buf, bits):
+def _gated_rows(c, wg, wu, tiles, h, out, buf, bits):
+    """Chunk c of silu(gate) * up, from the packed tiles at ``tiles`` (gate's and up's tile c in turn) if
+    nonzero, else from the rows of wg and wu (the gate rows, then the up rows: one stream at a time, see _dot)."""
     lo, hi = c * _ROWS, min((c + 1) * _ROWS, wg.shape[0])
-    for i in range(lo, hi):  # the gate rows, then the up rows: one stream at a time (see _dot)
-        buf[0, i - lo] = _dot(wg, i, h)
-    for i in range(lo, hi):
-        buf[1, i - lo] = _dot(wu, i, h)
+    if tiles:  # _ROWS == TILE: one tile of each
+        for part in range(2):
+            _tile_dot(tiles + (2 * c + part) * h.shape[0] * TILE * 4, h.ctypes.data, h.shape[0], buf[part].ctypes.data)
+    else:
+        for i in range(lo, hi):
+            buf[0, i - lo] = _dot(wg, i, h)
+        for i in range(lo, hi):
+            buf[1, i - lo] = _dot(wu, i, h)
     _silu_mul(hi - lo, buf[0], buf[1], buf[2], bits, out, lo)
 
 
@@ -387,30 +442,45 @@ def _attention_head(head, qkv, kc, vc, cos, sin, pos, scale, out, ahead, end):
 
 
 @njit(fastmath=_MATH)
-def _worker(t, nt, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters, norm, head, out):
-    """Thread t's part of one step: all layers, then the output layer into ``out`` (see _out_chunk)."""
+def _worker(t, nt, w, tiles, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters, norm, head, out):
+    """Thread t's part of one step: all layers, then the output layer into ``out`` (see _out_chunk). Each
+    layer's matrices are read from their packed tiles where ``tiles`` (layers + 1, 4) has their addresses
+    (nexttok.packed; the last row: the output layer's, in column 0), else from the model's rows."""
     hidden, nq, nk, inter = dims
     hd = kc.shape[3]
     xs, hs, qkv, att, o, act, d = scratch
     x, h = xs[t], hs[t]  # this thread's copy of the residual stream and of its normed input (hidden,)
     buf, bits = np.empty((3, _ROWS), np.float32), np.empty(_ROWS, np.int32)  # a chunk's gate, up, exp (_silu_mul)
+    tmp = np.empty(TILE, np.float32)  # a tile's outputs (_tiled_rows)
     # chunks per stage: q/k/v rows, hidden rows (o, down), intermediate rows (gate/up), output rows
     n_qkv, n_hidden, n_inter = -(-(nq + 2 * nk) // _ROWS), -(-hidden // _ROWS), -(-inter // _ROWS)
     n_head = -(-head.shape[0] // _OUT_ROWS)
     for layer in range(w.shape[0]):
-        a, stage = w[layer], layer * _STAGES
+        a, p, stage = w[layer], tiles[layer], layer * _STAGES
         _rmsnorm(x, _matrix(a[_NORM1], 1, hidden)[0], eps, h)
         wq, wk, wv = _matrix(a[_WQ], nq, hidden), _matrix(a[_WK], nk, hidden), _matrix(a[_WV], nk, hidden)
         bias = _matrix(a[_BQKV], 1, nq + 2 * nk)[0]
         # where this thread's share of the o weights begins and ends, and of gate, down and the next layer's begins
-        o_at, o_end = _share(a[_WO], t, nt, n_hidden, _ROWS * nq), _share(a[_WO], t + 1, nt, n_hidden, _ROWS * nq)
-        g_at, d_at = _share(a[_WG], t, nt, n_inter, _ROWS * hidden), _share(a[_WD], t, nt, n_hidden, _ROWS * inter)
+        wo = p[_P_O] or a[_WO]
+        o_at, o_end = _share(wo, t, nt, n_hidden, _ROWS * nq), _share(wo, t + 1, nt, n_hidden, _ROWS * nq)
+        g_at = _share(p[_P_GATE_UP], t, nt, n_inter, 2 * _ROWS * hidden) if p[_P_GATE_UP] else _share(
+            a[_WG], t, nt, n_inter, _ROWS * hidden)  # fmt: skip
+        d_at = _share(p[_P_DOWN] or a[_WD], t, nt, n_hidden, _ROWS * inter)
         if layer + 1 < w.shape[0]:
-            next_at = _qkv_share(w[layer + 1], dims, t, nt, n_qkv)
+            following = tiles[layer + 1, _P_QKV]
+            next_at = _share(following, t, nt, n_qkv, _ROWS * hidden) if following else _qkv_share(
+                w[layer + 1], dims, t, nt, n_qkv)  # fmt: skip
+        elif tiles[-1, 0]:
+            next_at = _share(tiles[-1, 0], t, nt, n_head, _OUT_ROWS * hidden)
         else:
             next_at = _share(head.ctypes.data, t, nt, n_head, _OUT_ROWS * hidden)
         for c in _chunks(counters, stage, t, nt, n_qkv, o_at, _AHEAD):
-            _qkv_rows(c, wq, wk, wv, bias, h, qkv[layer])
+            if p[_P_QKV]:
+                _tiled_rows(c, _ROWS, p[_P_QKV], nq + 2 * nk, h, qkv[layer], tmp)
+                for i in range(c * _ROWS, min((c + 1) * _ROWS, nq + 2 * nk)):
+                    qkv[layer, i] += bias[i]
+            else:
+                _qkv_rows(c, wq, wk, wv, bias, h, qkv[layer])
         # The attention asks for the rest of this thread's share of the o weights, past what q/k/v's end did,
         # into the outer caches (locality 3 measured no gain). Whole 128-token runs on the Zen 3 VM, paired:
         # +0.022 +- 0.005 of the ceiling over 163 interleaved rounds (two shorter runs: +0.034, -0.024).
@@ -419,21 +489,31 @@ def _worker(t, nt, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters
             head_out = att[layer, c * hd : (c + 1) * hd]
             ahead = _attention_head(c, qkv[layer], kc[layer], vc[layer], cos, sin, pos, scale, head_out, ahead, o_end)
         for c in _chunks(counters, stage + 2, t, nt, n_hidden, g_at, _AHEAD):
-            _rows(c, _ROWS, _matrix(a[_WO], hidden, nq), att[layer], o[layer])
+            _matvec(c, _ROWS, _matrix(a[_WO], hidden, nq), p[_P_O], att[layer], o[layer], tmp)
         bo = _matrix(a[_BO], 1, hidden)[0]
         for i in range(hidden):
             x[i] += o[layer, i] + bo[i]
         _rmsnorm(x, _matrix(a[_NORM2], 1, hidden)[0], eps, h)
         wg, wu = _matrix(a[_WG], inter, hidden), _matrix(a[_WU], inter, hidden)
         for c in _chunks(counters, stage + 3, t, nt, n_inter, d_at, _AHEAD):
-            _gated_rows(c, wg, wu, h, act[layer], buf, bits)
+            _gated_rows(c, wg, wu, p[_P_GATE_UP], h, act[layer], buf, bits)
         for c in _chunks(counters, stage + 4, t, nt, n_hidden, next_at, _AHEAD):
-            _rows(c, _ROWS, _matrix(a[_WD], hidden, inter), act[layer], d[layer])
+            _matvec(c, _ROWS, _matrix(a[_WD], hidden, inter), p[_P_DOWN], act[layer], d[layer], tmp)
         for i in range(hidden):
             x[i] += d[layer, i]
     _rmsnorm(x, norm, eps, h)
     for c in _chunks(counters, w.shape[0] * _STAGES, t, nt, n_head, 0, 0):
-        _out_chunk(c, head, h, out)
+        _out_chunk(c, head, tiles[-1, 0], h, out, tmp)
+
+
+@njit(fastmath=_MATH, inline="always")
+def _matvec(c, rows, w, tiles, x, out, tmp):
+    """out[i] = w[i] . x for chunk c's rows (``rows`` per chunk): from w's packed tiles at address ``tiles``
+    if nonzero, else from its rows."""
+    if tiles:
+        _tiled_rows(c, rows, tiles, w.shape[0], x, out, tmp)
+    else:
+        _rows(c, rows, w, x, out)
 
 
 @njit(inline="always")
@@ -455,12 +535,13 @@ def _qkv_share(a, dims, t, nt, n):
 
 
 @njit(fastmath=_MATH, inline="always")
-def _out_chunk(c, head, h, out):
-    """Logits of chunk c's rows, and the chunk's statistics while they are in cache: its maximum m, the
-    first index holding it, sum exp(l - m) and sum exp(l - m) (l - m) (the softmax's parts, :func:`_summarize`)."""
+def _out_chunk(c, head, tiles, h, out, tmp):
+    """Logits of chunk c's rows (from the packed tiles at ``tiles`` if nonzero, else from head's rows), and
+    the chunk's statistics while they are in cache: its maximum m, the first index holding it, sum exp(l - m)
+    and sum exp(l - m) (l - m) (the softmax's parts, :func:`_summarize`)."""
     logits, stats, argmax = out
     lo, hi = c * _OUT_ROWS, min((c + 1) * _OUT_ROWS, head.shape[0])
-    _rows(c, _OUT_ROWS, head, h, logits)
+    _matvec(c, _OUT_ROWS, head, tiles, h, logits, tmp)
     best = lo
     for i in range(lo + 1, hi):
         if logits[i] > logits[best]:
@@ -475,10 +556,10 @@ def _out_chunk(c, head, h, out):
 
 
 @njit(parallel=_PRANGE_ONLY, cache=True)
-def _step(nt, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters, norm, head, out):
+def _step(nt, w, tiles, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters, norm, head, out):
     counters[:] = 0
     for t in prange(nt):  # one iteration per thread; see _chunks for why any number of threads works
-        _worker(t, nt, w, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters, norm, head, out)
+        _worker(t, nt, w, tiles, dims, scratch, kc, vc, cos, sin, pos, scale, eps, counters, norm, head, out)
     qkv = scratch[2]  # (layers, nq + 2 nk): as a block of one position
     _store_block(qkv.reshape((qkv.shape[0], 1, qkv.shape[1])), kc, vc, cos, sin, pos, 1)
 
@@ -732,7 +813,7 @@ def _prefill_worker(t, nt, n, w, dims, scratch, kc, vc, cos, sin, start, scale, 
     last = np.empty(hidden, np.float32)
     _rmsnorm(x[n - 1], norm, eps, last)
     for c in _chunks(counters, w.shape[0] * _STAGES, t, nt, -(-head.shape[0] // _OUT_ROWS), 0, 0):
-        _out_chunk(c, head, last, out)
+        _out_chunk(c, head, 0, last, out, np.empty(TILE, np.float32))
 
 
 @njit(fastmath=_MATH)
@@ -908,6 +989,11 @@ class DecodeKernel:
         self.addresses = np.array([[a.ctypes.data for a in arrays] for arrays in self.layers], dtype=np.int64)
         self.norm, self.head = _array(m.norm.weight), _array(self.model.lm_head.weight)
         self.embed = _array(m.embed_tokens.weight)
+        # The packed copy's addresses (layers + 1, 4), if the model has a current one (else zeros: the rows).
+        self.packed = packed.packed(self.model)  # also keeps its arena alive
+        self.tiles = np.zeros((len(self.layers) + 1, 4), np.int64)
+        if self.packed is not None:
+            self.tiles[:-1], self.tiles[-1, 0] = self.packed.layers, self.packed.head
 
     @staticmethod
     def _layer_arrays(layer) -> tuple:
@@ -1018,8 +1104,8 @@ class DecodeKernel:
         self.scratch[0][:] = self.embed[token]  # each thread's copy of the residual stream
         logits = np.empty(self.head.shape[0], np.float32) if logits is None else logits
         self._out = (logits, *self._out[1:])
-        _step(threads, self.addresses, self.dims, self.scratch, self.kc, self.vc, self.cos, self.sin, self.length,
-              self.scale, self.eps, self.counters, self.norm, self.head, self._out)  # fmt: skip
+        _step(threads, self.addresses, self.tiles, self.dims, self.scratch, self.kc, self.vc, self.cos, self.sin,
+              self.length, self.scale, self.eps, self.counters, self.norm, self.head, self._out)  # fmt: skip
         self.length += 1
         return logits
 

@@ -1,0 +1,129 @@
+"""A copy of a Llama-family model's large weights in the layout the compiled decode step streams fastest.
+
+Why: a decode step's matrix-vector products read each weight once per token. Row by row (nn.Linear's
+(out, in) layout), each 8 weights need 8 values of the input loaded too, and on the AMD Zen 3 VM
+measured those loads hold the core's load queue while the weights are on their way from memory: a 2 GiB
+matrix streamed at 0.90-0.96 of torch's sum of the same buffer. Stored in tiles of ``TILE`` output rows,
+column by column (tile b holds ``W[b*TILE:(b+1)*TILE, :].T``, contiguous), one input value, broadcast,
+meets ``TILE`` weights in registers, and the same matrix streams at 0.98-1.03 (``kernels._tile_dot``).
+
+The copy costs the model's size again in memory, so it is made only where a run is long enough to gain
+from it (the engine makes it with the move onto huge pages, ``engine.HUGEPAGES_AFTER``) and where the
+memory has room (half of what is available; else the kernel keeps reading the model's own rows). It lives
+on the model (``model._nexttok_packed``, not a parameter), in one arena on huge pages, in the order a step
+reads it: per layer the q/k/v rows as one matrix, o, gate and up tiles in pairs, down; then the output
+layer. Updating the weights in place (training) makes the copy stale: it is then dropped, never read.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from nexttok.hugepages import HUGE, huge_tensor
+
+TILE = 32  # output rows per tile: 4 AVX2 vectors (or 2 AVX-512 ones) of accumulators
+QKV, O_PROJ, GATE_UP, DOWN = range(4)  # columns of Packed.layers
+
+
+class Packed(NamedTuple):
+    """Where a model's packed weights are (int64 addresses into ``arena``, which keeps them alive)."""
+
+    arena: torch.Tensor
+    layers: np.ndarray  # (layers, 4): the q/k/v, o, gate/up and down tiles of each layer
+    head: int  # the output layer's tiles
+    version: tuple  # of the weights they were copied from (engine.weights_version)
+
+
+def packed(model: torch.nn.Module) -> Packed | None:
+    """The model's packed weights if they were made and its weights have not changed since; else None
+    (a stale copy is dropped, freeing its memory)."""
+    from nexttok.engine import weights_version
+
+    copy = getattr(model, "_nexttok_packed", None)
+    if copy is not None and copy.version != weights_version(model):
+        del model._nexttok_packed
+        copy = None
+    return copy
+
+
+def pack(model: torch.nn.Module) -> Packed | None:
+    """Make (once) and return the model's packed weights; None when the memory has no room for them
+    (``NEXTTOK_PACKED=0``: never)."""
+    from nexttok.engine import weights_version
+
+    if os.environ.get("NEXTTOK_PACKED", "1") == "0":
+        return None
+    copy = packed(model)
+    if copy is not None:
+        return copy
+    matrices = _matrices(model)
+    size = sum(_tiles_bytes(w) for layer in matrices for w in layer[:2] + layer[2] + layer[3:]) + _tiles_bytes(
+        model.lm_head.weight
+    )
+    free = _available_bytes()
+    if free is None or 2 * size > free:
+        return None
+    arena = huge_tensor(torch.empty(size // 4, device="meta"), -(-size // HUGE) * HUGE)
+    flat, at = arena.view(-1), 0
+    table = np.zeros((len(matrices), 4), np.int64)
+    with torch.no_grad():
+        for i, (qkv, o, gate_up, down) in enumerate(matrices):
+            for column, group in ((QKV, [qkv]), (O_PROJ, [o]), (GATE_UP, gate_up), (DOWN, [down])):
+                table[i, column] = flat[at:].data_ptr()
+                at = _write_tiles(flat, at, group)
+        head = flat[at:].data_ptr()
+        _write_tiles(flat, at, [model.lm_head.weight])
+    copy = Packed(arena, table, head, weights_version(model))
+    object.__setattr__(model, "_nexttok_packed", copy)  # not a submodule: no state_dict entry
+    return copy
+
+
+def _matrices(model: torch.nn.Module) -> list[tuple]:
+    """Per layer: q/k/v as one (out, in) matrix, o, (gate, up), down."""
+    out = []
+    for layer in model.model.layers:
+        a, f = layer.self_attn, layer.mlp
+        qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
+        out.append((qkv, a.o_proj.weight.detach(), (f.gate_proj.weight.detach(), f.up_proj.weight.detach()),
+                    f.down_proj.weight.detach()))  # fmt: skip
+    return out
+
+
+def _tiles_bytes(w: torch.Tensor) -> int:
+    return -(-w.shape[0] // TILE) * TILE * w.shape[1] * 4
+
+
+def _write_tiles(flat: torch.Tensor, at: int, group: list[torch.Tensor]) -> int:
+    """Write the tiles of ``group``'s (out, in) matrices from flat[at] on, tile by tile in turns (gate's tile
+    b, then up's tile b: the step reads them in that order); return where they end. Tile b of a matrix is
+    its rows b*TILE.. transposed to (in, TILE); rows past its end are zeros."""
+    out, cols = group[0].shape
+    blocks = -(-out // TILE)
+    n = blocks * len(group) * cols * TILE
+    dest = flat[at : at + n].view(blocks, len(group), cols, TILE)
+    full = out // TILE
+    for j, w in enumerate(group):
+        dest[:full, j].copy_(w[: full * TILE].view(full, TILE, cols).transpose(1, 2))
+        if full < blocks:  # the last, partial tile
+            dest[full, j].zero_()
+            dest[full, j, :, : out - full * TILE].copy_(w[full * TILE :].t())
+    return at + n
+
+
+def _available_bytes() -> int | None:
+    """Memory available to this process now (Linux's MemAvailable, else free pages); None if unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
