@@ -220,6 +220,25 @@ def test_default_model_greedy_equals_hf_generate(default_lm):
     assert steps[0].text == " Paris"
 
 
+@pytest.mark.integration
+def test_default_model_greedy_equals_hf_generate_on_the_packed_weights(default_lm):
+    """As a chat, a server or the bench decodes once the engine has packed the weights (nexttok.packed)."""
+    from nexttok import packed
+    from nexttok.engine import Decoder
+
+    assert packed.pack(default_lm.model) is not None
+    try:
+        decoder = Decoder(default_lm)
+        decoder.prefill([1, 2, 3])
+        assert decoder.kernel.tiles.any()  # the step reads the packed copy
+        ids = default_lm.encode("Once upon a time, in a small village,")
+        steps = list(generate(default_lm, ids, greedy(48)))
+        hf = default_lm.model.generate(torch.tensor([ids]), max_new_tokens=48, min_new_tokens=48, do_sample=False)
+        assert ids_of(steps) == hf[0, len(ids) :].tolist()
+    finally:
+        del default_lm.model._nexttok_packed  # the other tests' model as it was
+
+
 def test_stage_records_for_the_next_token(tiny_lm):
     from nexttok.generate import stage_records
 

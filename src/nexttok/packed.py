@@ -61,9 +61,8 @@ def pack(model: torch.nn.Module) -> Packed | None:
     if copy is not None:
         return copy
     matrices = _matrices(model)
-    size = sum(_tiles_bytes(w) for layer in matrices for w in layer[:2] + layer[2] + layer[3:]) + _tiles_bytes(
-        model.lm_head.weight
-    )
+    every = [w for qkv, o, gate_up, down in matrices for w in (qkv, o, *gate_up, down)] + [model.lm_head.weight]
+    size = sum(_tiles_bytes(w) for w in every)
     free = _available_bytes()
     if free is None or 2 * size > free:
         return None
