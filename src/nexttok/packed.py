@@ -60,7 +60,8 @@ def pack(model: torch.nn.Module) -> Packed | None:
     copy = packed(model)
     if copy is not None:
         return copy
-    matrices = _matrices(model)
+    with torch.no_grad():
+        matrices = _matrices(model)
     every = [w for qkv, o, gate_up, down in matrices for w in (qkv, o, *gate_up, down)] + [model.lm_head.weight]
     size = sum(_tiles_bytes(w) for w in every)
     free = _available_bytes()
@@ -86,7 +87,7 @@ def _matrices(model: torch.nn.Module) -> list[tuple]:
     out = []
     for layer in model.model.layers:
         a, f = layer.self_attn, layer.mlp
-        qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
+        qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
         out.append((qkv, a.o_proj.weight.detach(), (f.gate_proj.weight.detach(), f.up_proj.weight.detach()),
                     f.down_proj.weight.detach()))  # fmt: skip
     return out
