@@ -217,7 +217,7 @@ class Decoder:
 
 # The kernel's decode moves the model's weights into a huge-page arena in reading order (hugepages.py), and
 # makes their packed copy (packed.py), once this process has decoded this many tokens of it: the move
-# costs ~1 s on the VM measured and the copy ~0.5 s and the model's size in memory, so a one-shot
+# costs ~1 s on the VM measured and the copy 1.3-1.6 s and the model's size in memory, so a one-shot
 # `nexttok generate` of a few hundred tokens never pays it, and a chat, a server or a benchmark soon does.
 HUGEPAGES_AFTER = 512
 
