@@ -92,6 +92,17 @@ def test_no_copy_without_the_memory_for_it_or_when_turned_off(monkeypatch):
     assert packed.pack(model) is None and not hasattr(model, "_nexttok_packed")
 
 
+def test_without_huge_pages_the_copy_is_made_on_ordinary_ones(monkeypatch):
+    import mmap
+
+    monkeypatch.delattr(mmap, "MADV_HUGEPAGE", raising=False)  # as on macOS
+    model = odd_sizes()
+    assert packed.pack(model) is not None
+    (logits, seq), *_ = run_kernel(model, [3, 1, 4], 0)
+    with torch.inference_mode():
+        torch.testing.assert_close(logits, model(torch.tensor([seq])).logits[0, -1], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("n", [1, 3, 32, 100])
 def test_a_tile_dot_sums_every_row_of_its_tile(n):
     from numba import njit

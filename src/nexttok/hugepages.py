@@ -28,7 +28,9 @@ _ALIGN = 64  # each parameter starts on a cache line
 
 def huge_tensor(like: torch.Tensor, size: int) -> torch.Tensor:
     """An uninitialised tensor shaped as ``like``, at the start of a 2 MiB-aligned mapping of ``size`` bytes
-    advised for huge pages."""
+    advised for huge pages (an ordinary tensor on systems without ``MADV_HUGEPAGE``)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.empty(like.shape, dtype=like.dtype)
     area = mmap.mmap(-1, size + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # private: THP applies
     offset = -np.frombuffer(area, np.uint8).ctypes.data % HUGE  # to the first 2 MiB boundary
     area.madvise(mmap.MADV_HUGEPAGE, offset, size)  # before the first touch, which allocates the pages
