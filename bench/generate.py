@@ -92,8 +92,9 @@ def main() -> None:
     new = args.new_tokens
     # Warm-up, untimed: the one-time costs (numba's compiled code; the move of the weights onto huge pages
     # and their packed copy once HUGEPAGES_AFTER tokens are decoded) are paid before any timed run, as in a
-    # chat or a server. The greedy check then compares the code the timed runs use.
-    for _ in range(-(-HUGEPAGES_AFTER // new) + 1):
+    # chat or a server (a run is new - 1 kernel steps: its first token comes from the prefill). The greedy
+    # check then compares the code the timed runs use.
+    for _ in range(-(-HUGEPAGES_AFTER // (new - 1))):
         ours(lm, ids, 1, {}, new, 0)
     greedy_ours, greedy_peer = ours(lm, ids, 1, {}, new, 0), peer(lm, ids, 1, {}, new, 0)
     agree = sum(a == b for a, b in zip(greedy_ours, greedy_peer, strict=True))

@@ -205,7 +205,7 @@ class Decoder:
             return
         from nexttok.packed import pack
 
-        moved = os.environ.get("NEXTTOK_HUGEPAGES", "1") != "0" and move_to_hugepages(self._hf_model)
+        moved = move_to_hugepages(self._hf_model)
         if (pack(self._hf_model) is not None) or moved:
             (self.kernel or self.samples.kernel).rebind()  # the weights now live elsewhere
 

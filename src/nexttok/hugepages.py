@@ -18,6 +18,7 @@ and the order still holds; on systems without ``MADV_HUGEPAGE`` this does nothin
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 import torch
@@ -40,11 +41,14 @@ def huge_tensor(like: torch.Tensor, size: int) -> torch.Tensor:
 
 def move_to_hugepages(model: torch.nn.Module) -> int:
     """Move ``model``'s contiguous CPU parameters into one huge-page arena, in place (same Parameter objects,
-    so tied weights stay tied), once per model; return the bytes moved (0 when already done or unsupported).
+    so tied weights stay tied), once per model; return the bytes moved (0 when already done, unsupported, or
+    turned off with ``NEXTTOK_HUGEPAGES=0``).
 
     The arena holds them back to back in ``model.parameters()`` order, which for HF decoders is the order a
     decode step reads them (layer by layer: q, k, v, o, gate, up, down), so a step is close to one stream."""
     if not hasattr(mmap, "MADV_HUGEPAGE") or getattr(model, "_nexttok_hugepages", False):
+        return 0
+    if os.environ.get("NEXTTOK_HUGEPAGES", "1") == "0":
         return 0
     model._nexttok_hugepages = True  # a plain attribute: not a parameter, not in the state dict
     params = [p for p in model.parameters() if p.device.type == "cpu" and p.is_contiguous() and p.numel()]

@@ -810,10 +810,10 @@ def _prefill_worker(t, nt, n, w, dims, scratch, kc, vc, cos, sin, start, scale, 
         for c in _chunks(counters, layer * _STAGES + 1, t, nt, nq // hd, 0, 0):
             _attention_block(c, n, qkv[layer], kc[layer], vc[layer], cos, sin, start, scale, att[layer], kb, scores)
         _block_mlp(t, nt, blk, layer, w, dims, x, h, att[layer], o[layer], act[layer], d[layer], eps, counters, False)
-    last = np.empty(hidden, np.float32)
+    last, tmp = np.empty(hidden, np.float32), np.empty(TILE, np.float32)
     _rmsnorm(x[n - 1], norm, eps, last)
     for c in _chunks(counters, w.shape[0] * _STAGES, t, nt, -(-head.shape[0] // _OUT_ROWS), 0, 0):
-        _out_chunk(c, head, 0, last, out, np.empty(TILE, np.float32))
+        _out_chunk(c, head, 0, last, out, tmp)  # the model's rows: the packed copy is the step's
 
 
 @njit(fastmath=_MATH)

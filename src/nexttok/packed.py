@@ -53,15 +53,19 @@ def packed(model: torch.nn.Module) -> Packed | None:
 def pack(model: torch.nn.Module) -> Packed | None:
     """Make (once) and return the model's packed weights; None when the memory has no room for them
     (``NEXTTOK_PACKED=0``: never)."""
-    from nexttok.engine import weights_version
-
     if os.environ.get("NEXTTOK_PACKED", "1") == "0":
         return None
     copy = packed(model)
     if copy is not None:
         return copy
-    with torch.no_grad():
-        matrices = _matrices(model)
+    with torch.no_grad():  # the weights' values only
+        return _pack(model)
+
+
+def _pack(model: torch.nn.Module) -> Packed | None:
+    from nexttok.engine import weights_version
+
+    matrices = _matrices(model)
     every = [w for qkv, o, gate_up, down in matrices for w in (qkv, o, *gate_up, down)] + [model.lm_head.weight]
     size = sum(_tiles_bytes(w) for w in every)
     free = _available_bytes()
@@ -70,13 +74,12 @@ def pack(model: torch.nn.Module) -> Packed | None:
     arena = huge_tensor(torch.empty(size // 4, device="meta"), -(-size // HUGE) * HUGE)
     flat, at = arena.view(-1), 0
     table = np.zeros((len(matrices), 4), np.int64)
-    with torch.no_grad():
-        for i, (qkv, o, gate_up, down) in enumerate(matrices):
-            for column, group in ((QKV, [qkv]), (O_PROJ, [o]), (GATE_UP, gate_up), (DOWN, [down])):
-                table[i, column] = flat[at:].data_ptr()
-                at = _write_tiles(flat, at, group)
-        head = flat[at:].data_ptr()
-        _write_tiles(flat, at, [model.lm_head.weight])
+    for i, (qkv, o, gate_up, down) in enumerate(matrices):
+        for column, group in ((QKV, [qkv]), (O_PROJ, [o]), (GATE_UP, gate_up), (DOWN, [down])):
+            table[i, column] = flat[at:].data_ptr()
+            at = _write_tiles(flat, at, group)
+    head = flat[at:].data_ptr()
+    _write_tiles(flat, at, [model.lm_head.weight])
     copy = Packed(arena, table, head, weights_version(model))
     object.__setattr__(model, "_nexttok_packed", copy)  # not a submodule: no state_dict entry
     return copy
@@ -88,8 +91,7 @@ def _matrices(model: torch.nn.Module) -> list[tuple]:
     for layer in model.model.layers:
         a, f = layer.self_attn, layer.mlp
         qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-        out.append((qkv, a.o_proj.weight.detach(), (f.gate_proj.weight.detach(), f.up_proj.weight.detach()),
-                    f.down_proj.weight.detach()))  # fmt: skip
+        out.append((qkv, a.o_proj.weight, (f.gate_proj.weight, f.up_proj.weight), f.down_proj.weight))
     return out
 
 
