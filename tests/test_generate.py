@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 
@@ -250,3 +251,33 @@ def test_stage_records_for_the_next_token(tiny_lm):
     assert records[2].survivors == 50
     survivors = [r.survivors for r in records]
     assert survivors == sorted(survivors, reverse=True)  # a filter never brings a token back
+
+
+def test_greedy_on_a_gpt2_model_equals_hf_generate(tmp_path):
+    """An architecture the compiled kernel does not cover (its decoder is .transformer, not .model)."""
+    from conftest import make_tiny_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import nexttok
+
+    tok = make_tiny_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tok), n_positions=128)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    lm = nexttok.load(str(tmp_path))
+    ids = lm.encode(PROMPT)
+    hf = lm.model.generate(torch.tensor([ids]), max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    assert ids_of(generate(lm, ids, greedy(30))) == hf[0, len(ids) :].tolist()
+
+
+def test_the_kv_cache_goes_in_under_the_name_the_model_takes():
+    """transformers 5.x renamed past_key_values to cache; a wrong name would be swallowed by **kwargs."""
+    from transformers import LlamaForCausalLM
+
+    from nexttok.engine import cache_argument
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs): ...
+
+    assert cache_argument(Older()) == "past_key_values"
+    assert cache_argument(LlamaForCausalLM) in inspect.signature(LlamaForCausalLM.forward).parameters

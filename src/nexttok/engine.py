@@ -13,6 +13,7 @@ whose linear layers pick a faster kernel per call shape (_InferenceLinear). ``LM
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import platform
@@ -93,6 +94,13 @@ class _InferenceLinear(nn.Module):
         return self.linear(x)
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model``'s forward takes its KV cache: ``cache`` in newer transformers 5.x,
+    ``past_key_values`` before. A wrong name is swallowed by ``**kwargs`` and the model runs each step
+    without the earlier positions, so it is read from the signature, never assumed."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def weights_version(model: nn.Module) -> tuple[int, ...]:
     """A value that changes when any of ``model``'s parameters is updated in place or replaced (copies of
     the weights made for speed compare it to know they are stale)."""
@@ -141,6 +149,7 @@ class Decoder:
         self.kernel = None  # the compiled one-sample step (kernels.py), when it covers the model
         self.samples = None  # the compiled step of N samples of one prompt (kernels.SamplesKernel), likewise
         self._use_kernel = fast and kernel and os.environ.get("NEXTTOK_NUMBA", "1") != "0"
+        self._cache_arg = cache_argument(lm.model)
 
     @property
     def model(self) -> nn.Module:
@@ -154,8 +163,10 @@ class Decoder:
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits for the last position of each row of (B, T) ``input_ids``, shape (B, V)."""
         self.forward_calls += 1
-        hidden = self.model.model(input_ids=input_ids, cache=self.cache, use_cache=True).last_hidden_state  # (B, T, H)
-        return self.model.lm_head(hidden[:, -1]).float()  # (B, V): only the last position is projected
+        # The whole causal-LM forward (any architecture: GPT-2's decoder is .transformer, Gemma caps its
+        # logits after the output layer), with only the last position through the output layer.
+        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_arg: self.cache})
+        return out.logits[:, -1].float().cpu()  # (B, V), on the CPU, where processors and sampling run
 
     def prefill(self, ids: list[int], batch: int = 1) -> torch.Tensor:
         # On a model the compiled kernel covers, the kernel reads a short prompt too (faster up to
