@@ -88,7 +88,7 @@ def ours_run(examples, layout: str, lora: bool, steps: int, pad_id: int, bf16: b
     from nexttok.finetune import LoraOptions, apply_lora, use_block_mask_attention
     from nexttok.train import TrainConfig, fit
 
-    model, tok, _ = load_model_and_tokenizer("default")
+    model, tok, _ = load_model_and_tokenizer("default", device="cpu")
     if layout == "pack":
         use_block_mask_attention(model)
     net = apply_lora(model, LoraOptions(**LORA)) if lora else model
@@ -124,7 +124,7 @@ def trl_run(examples, lora: bool, steps: int, bf16: bool, checkpointing: bool = 
     datasets.disable_progress_bars()
     from trl import SFTConfig, SFTTrainer
 
-    model, tok, _ = load_model_and_tokenizer("default")
+    model, tok, _ = load_model_and_tokenizer("default", device="cpu")
     data = Dataset.from_list([{"input_ids": e.input_ids, "labels": e.labels} for e in examples])
     clock = Clock()
 
@@ -186,7 +186,7 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    _, tok, _ = load_model_and_tokenizer("default")
+    _, tok, _ = load_model_and_tokenizer("default", device="cpu")
     rendered = Renderer(tok, "completion", MAX_LEN).render_all(chatterbot_records())
     examples = rendered.examples
     pad_id = tok.pad_token_id

@@ -46,7 +46,7 @@ def ours(lm, ids: list[int], n: int, kw: dict, new: int, seed: int) -> list[int]
 
 def peer(lm, ids: list[int], n: int, kw: dict, new: int, seed: int) -> list[int]:
     torch.manual_seed(seed)  # HF draws from the global generator
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=lm.model.device)
     sample = {"do_sample": True, **kw} if kw else {"do_sample": False}
     out = lm.model.generate(
         x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new, num_return_sequences=n,
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    lm = nexttok.load("default", threads=args.threads)
+    lm = nexttok.load("default", threads=args.threads, device="cpu")  # the CPU benchmark, also on a GPU machine
     ids = prompt_ids(lm)
     new = args.new_tokens
     # Warm-up, untimed: the one-time costs (numba's compiled code; the move of the weights onto huge pages

@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--process-repeats", type=int, default=5)
     args = ap.parse_args()
-    lm = nexttok.load("default", threads=args.threads)
+    lm = nexttok.load("default", threads=args.threads, device="cpu")  # the CPU benchmark, also on a GPU machine
     print(f"model: default (SmolLM2-135M-Instruct, fp32), threads {torch.get_num_threads()}, repeats {args.repeats}")
     print(f"{'prompt':>12} {'ours ms':>9} {'transformers ms':>16} {'ratio':>7}")
     for label, text in [("5 tokens", "The capital of France is"), ("512 tokens", long_prompt(lm, 512))]:

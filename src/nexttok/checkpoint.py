@@ -121,7 +121,9 @@ def load(out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
         return None
     _load_weights(folder, model)
     try:
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        # To the CPU first: a checkpoint written on a GPU resumes anywhere; the optimizer moves each
+        # state to its parameter's device.
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu"))
     except (KeyError, ValueError) as e:  # another optimizer's state (train.optimizer changed), or other groups
         raise NexttokError(
             f"the checkpoint in {folder} holds the state of a different optimizer or parameter set ({e!r}); "

@@ -130,6 +130,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     threads: int | None = None
+    device: str | None = None  # auto (the CUDA GPU when torch sees one, else the CPU), cpu, cuda, cuda:N, mps
     final_eval: bool = True  # evaluate on the whole held-out split at the end
 
 
@@ -139,7 +140,7 @@ SECTIONS: dict[str, type] = {
     "tokenizer": TokenizerConfig,
     "train": TrainConfig,
 }
-TOP_LEVEL = {"threads", "final_eval"}
+TOP_LEVEL = {"threads", "device", "final_eval"}
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

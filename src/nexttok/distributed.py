@@ -17,7 +17,12 @@ import torch.distributed as dist
 def setup() -> None:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1); idempotent."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if not torch.cuda.is_available():
+            dist.init_process_group("gloo")
+            return
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))  # NCCL's collectives run on this GPU
+        # CPU tensors (token counts, RNG states) go through gloo, a model on the GPU through NCCL.
+        dist.init_process_group("cpu:gloo,cuda:nccl")
 
 
 def active() -> bool:

@@ -197,7 +197,7 @@ def default_train_settings(steps: int, lora: bool, has_eval: bool) -> dict:
     }
 
 
-def load_base(model: str | None, dtype: str, threads: int | None, data: DataOptions):
+def load_base(model: str | None, dtype: str, threads: int | None, data: DataOptions, device: str | None = None):
     """The base model and its tokenizer, ready for chat records; ``data`` with ``max_length`` capped
     at the model's context (a record may not be longer than that)."""
     from transformers.utils import logging as hf_logging
@@ -206,7 +206,7 @@ def load_base(model: str | None, dtype: str, threads: int | None, data: DataOpti
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    base, tokenizer, _ = load_model_and_tokenizer(model, dtype=dtype, threads=threads)
+    base, tokenizer, _ = load_model_and_tokenizer(model, dtype=dtype, threads=threads, device=device)
     prepare_tokenizer(base, tokenizer)
     context = getattr(base.config, "max_position_embeddings", None)
     if context and data.max_length > context:
@@ -228,6 +228,7 @@ def finetune(
     dtype: str = "float32",
     threads: int | None = None,
     notify=print,
+    device: str | None = None,
     **train,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` with the same ``fit()`` as pretraining; ``train`` overrides any
@@ -237,7 +238,7 @@ def finetune(
 
     if merge_lora and lora is None:
         raise NexttokError("--merge folds LoRA adapters into the model; it needs --lora", param="merge")
-    base, tokenizer, data = load_base(model, dtype, threads, data)
+    base, tokenizer, data = load_base(model, dtype, threads, data, device)
     prepared = prepare_data(tokenizer, data)
     if lora:
         torch.manual_seed(train.get("seed", data.seed))  # the adapters' random init follows --seed, in any process

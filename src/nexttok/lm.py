@@ -133,7 +133,9 @@ class LM:
         """Raw scores for the token after ``ids``, shape (V,). Only the last position goes through
         the output layer: the other positions' logits are never computed."""
         input_ids = torch.tensor([ids], device=self.model.device)  # (1, T)
-        return self._fast()(input_ids=input_ids, logits_to_keep=1, use_cache=False).logits[0, -1]
+        # On a GPU the scores come back to the CPU: the distribution, processors and seeded sampling
+        # run there, so a seed draws the same tokens on every device.
+        return self._fast()(input_ids=input_ids, logits_to_keep=1, use_cache=False).logits[0, -1].cpu()
 
     @torch.inference_mode()
     def continuation_logprob(self, prefix: list[int], continuation: list[int], temperature: float = 1.0) -> float:
@@ -142,7 +144,7 @@ class LM:
         input_ids = torch.tensor([prefix + continuation[:-1]], device=self.model.device)  # (1, T)
         logits = self._fast()(input_ids=input_ids, logits_to_keep=n, use_cache=False).logits[0]  # (n, V)
         logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)
-        return float(logprobs.gather(1, torch.tensor(continuation).unsqueeze(1)).sum())
+        return float(logprobs.gather(1, torch.tensor(continuation, device=logprobs.device).unsqueeze(1)).sum())
 
     def _fast(self) -> PreTrainedModel:
         """The model with faster kernels per call shape on the CPU (:func:`nexttok.engine.inference_model`)."""
@@ -156,14 +158,15 @@ class LM:
         return Distribution(self.last_logits(ids), self, ids, temperature)
 
 
-def load(model: str | None = None, dtype: str = "float32", threads: int | None = None) -> LM:
+def load(model: str | None = None, dtype: str = "float32", threads: int | None = None, device: str | None = None) -> LM:
     """Load a model: ``default`` (or ``None``: ``$NEXTTOK_MODEL``, else the packaged SmolLM2-135M-Instruct),
-    a local HF folder, a ``.gguf`` file, or a hub id (online only)."""
+    a local HF folder, a ``.gguf`` file, or a hub id (online only); onto ``device`` (``auto``, the default:
+    the CUDA GPU when torch sees one, else the CPU; or ``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
     with _gc.paused(freeze=_gc.freeze_after_load):  # ~400,000 new objects: no collections while they arrive
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
-        lm = LM(*load_model_and_tokenizer(model, dtype=dtype, threads=threads))
+        lm = LM(*load_model_and_tokenizer(model, dtype=dtype, threads=threads, device=device))
     _gc.freeze_at_exit()
     return lm

@@ -77,22 +77,61 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_device(name: str | None = None) -> torch.device:
+    """A ``--device`` value as a torch device. ``auto`` (also ``None`` without ``$NEXTTOK_DEVICE``) is the
+    CUDA GPU when torch sees one, else the CPU; under ``torchrun`` a bare ``cuda`` is this process's GPU
+    (``$LOCAL_RANK``). Apple's ``mps`` is used only when asked for."""
+    name = (name or os.environ.get("NEXTTOK_DEVICE") or "auto").strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise NexttokError(f"--device must be auto, cpu, cuda, cuda:N or mps (got '{name}')", param="device")
+    if device.type == "cuda":
+        return _cuda_device(device)
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise NexttokError("--device mps: this torch build sees no Apple GPU; use --device cpu", param="device")
+    return device
+
+
+def _cuda_device(device: torch.device) -> torch.device:
+    if not torch.cuda.is_available():
+        raise NexttokError(
+            f"--device {device}: this torch build sees no CUDA GPU; use --device cpu (or auto), "
+            "or install a CUDA build of torch",
+            param="device",
+        )
+    index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", 0))
+    if index >= torch.cuda.device_count():
+        raise NexttokError(
+            f"--device cuda:{index}: torch sees {torch.cuda.device_count()} CUDA GPU(s) "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})",
+            param="device",
+        )
+    return torch.device("cuda", index)
+
+
 def load_model_and_tokenizer(
-    spec: str | None = None, dtype: str = "float32", threads: int | None = None
+    spec: str | None = None, dtype: str = "float32", threads: int | None = None, device: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
-    """Resolve ``spec`` and load the model (in eval mode) and its tokenizer."""
+    """Resolve ``spec`` and load the model (in eval mode, on ``device``: see :func:`resolve_device`) and
+    its tokenizer."""
     set_threads(threads)
     dt = torch_dtype(dtype)
+    where = resolve_device(device)  # before the load: a wrong --device fails at once
     source = resolve(spec)
     if source.kind == "default":
         model, tok = _load_default(dt)
     elif source.kind == "hub":
         model, tok = _load_hub(source.location, dt)
     elif source.kind == "adapter":
-        model, tok = _load_adapter(source.location, dtype)
+        model, tok = _load_adapter(source.location, dtype, str(where))
     else:
         model, tok = _load_folder(source.location, dt, source.gguf_file)
-    return model.eval(), tok, source
+    return model.to(where).eval(), tok, source
 
 
 def _load_folder(folder: str, dt: torch.dtype, gguf_file: str | None = None, known_llama: bool = False):
@@ -113,14 +152,14 @@ def _load_folder(folder: str, dt: torch.dtype, gguf_file: str | None = None, kno
     return model, tok
 
 
-def _load_adapter(folder: str, dtype: str):
+def _load_adapter(folder: str, dtype: str, device: str):
     """A LoRA adapter folder (``nexttok finetune --lora``): its base model with the adapter merged in."""
     from peft import PeftConfig, PeftModel
     from transformers import AutoTokenizer
 
     base_spec = PeftConfig.from_pretrained(folder).base_model_name_or_path
     try:
-        base, _, _ = load_model_and_tokenizer(base_spec, dtype=dtype)
+        base, _, _ = load_model_and_tokenizer(base_spec, dtype=dtype, device=device)
     except NexttokError as e:
         raise NexttokError(f"the LoRA adapter in '{folder}' needs its base model '{base_spec}': {e}") from e
     with warnings.catch_warnings():

@@ -20,7 +20,7 @@ from nexttok.config import Recipe
 from nexttok.data.blocks import BlockSource, prepare, split_documents
 from nexttok.data.sources import load_corpus
 from nexttok.evaluate import evaluate
-from nexttok.models import set_threads
+from nexttok.models import resolve_device, set_threads
 from nexttok.tokenizer_train import load_tokenizer, train_bpe
 from nexttok.train import FitResult, fit
 
@@ -112,6 +112,7 @@ def run(recipe: Recipe, resume: bool = False, say=print) -> tuple[FitResult, dic
     t0 = time.perf_counter()
     distributed.setup()
     set_threads(recipe.threads)
+    device = resolve_device(recipe.device)  # a wrong device fails before any work
     main = distributed.rank() == 0
     d = recipe.data
     corpus = load_corpus(d.paths, d.text_field)
@@ -123,7 +124,7 @@ def run(recipe: Recipe, resume: bool = False, say=print) -> tuple[FitResult, dic
     if main:
         distributed.barrier()
     source = BlockSource(data.train, data.heldout, recipe.model.context, tok, seed=recipe.train.seed)
-    model = build_model(recipe, tok)
+    model = build_model(recipe, tok).to(device)
     stats = model_stats(model, recipe.model.context)
     if main:
         _describe(say, corpus, data, tok, stats, time.perf_counter() - t0)

@@ -372,7 +372,8 @@ class _Run:
         ids = tok.encode(self.config.sample_prompt, add_special_tokens=False) if self.config.sample_prompt else []
         ids = ids or [tok.bos_token_id if tok.bos_token_id is not None else 0]
         self.raw.eval()
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        gpu = [self.raw.device] if self.raw.device.type == "cuda" else []  # seeding reseeds the GPU too
+        with torch.random.fork_rng(devices=gpu), torch.no_grad():
             torch.manual_seed(self.config.seed + self.step)
             x = torch.tensor([ids], device=self.raw.device)
             out = self.raw.generate(
@@ -404,7 +405,7 @@ class _Run:
             "config": asdict(self.config),
             "world": self.world,
         }
-        rng = distributed.gather_objects(torch.get_rng_state())
+        rng = distributed.gather_objects(_rng_state(self.raw.device))
         if self.main:
             checkpoint.save(self.out, self.raw, self.tokenizer, self.optimizer, state, rng)
         distributed.barrier()
@@ -421,7 +422,7 @@ class _Run:
         self.step, self.train_seconds = state["step"], state["train_seconds"]
         self.cpu_seconds = state.get("cpu_seconds", 0.0)
         self.tokens_seen, self.last_loss = state["tokens_seen"], state["last_loss"]
-        torch.set_rng_state(state["rng"][self.rank])
+        _set_rng_state(state["rng"][self.rank], self.raw.device)
         if self.main:
             self._truncate_log(self.step)
 
@@ -431,6 +432,22 @@ class _Run:
         if path.is_file():
             keep = [x for x in path.read_text(encoding="utf-8").splitlines() if x and json.loads(x)["step"] <= step]
             path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")
+
+
+def _rng_state(device: torch.device):
+    """This process's random state: the CPU generator's, and on a GPU also the GPU's (dropout draws there)."""
+    if device.type != "cuda":
+        return torch.get_rng_state()
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device)}
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    if not isinstance(state, dict):  # written on the CPU
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def fit(

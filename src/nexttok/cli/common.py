@@ -25,6 +25,14 @@ ModelOpt = Annotated[
 ]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 or bfloat16.")]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.", show_default=False)]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device",
+        help="auto (the CUDA GPU when torch sees one, else the CPU), cpu, cuda, cuda:N or mps. Env: NEXTTOK_DEVICE.",
+        show_default=False,
+    ),
+]
 
 
 def read_prompt(prompt: str) -> str:
@@ -42,8 +50,8 @@ def read_prompt(prompt: str) -> str:
         ) from None
 
 
-def load_lm(model: str | None, dtype: str, threads: int | None):
+def load_lm(model: str | None, dtype: str, threads: int | None, device: str | None = None):
     from nexttok.lm import load
 
     with console.status("loading model…", spinner="dots") if console.is_terminal else nullcontext():
-        return load(model, dtype=dtype, threads=threads)
+        return load(model, dtype=dtype, threads=threads, device=device)

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from nexttok.cli import app
-from nexttok.cli.common import DtypeOpt, ThreadsOpt, console, load_lm, read_prompt
+from nexttok.cli.common import DeviceOpt, DtypeOpt, ThreadsOpt, console, load_lm, read_prompt
 from nexttok.distribution import show_token
 from nexttok.errors import NexttokError
 
@@ -72,6 +72,7 @@ def finetune(
     bf16: Annotated[bool, typer.Option("--bf16", help="bfloat16 autocast.")] = False,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Fine-tune a model on instruction, chat or text records with the same loop as pretrain."""
     from nexttok.finetune import DataOptions, LoraOptions
@@ -85,7 +86,19 @@ def finetune(
     if lr is not None:
         train["min_lr"] = lr / 10
     result = run_finetune(
-        model, data_opts, out, lora_opts, merge, epochs, steps, resume, dtype, threads, console.print, **train
+        model,
+        data_opts,
+        out,
+        lora_opts,
+        merge,
+        epochs,
+        steps,
+        resume,
+        dtype,
+        threads,
+        console.print,
+        device=device,
+        **train,
     )
     from nexttok import distributed
 
@@ -118,7 +131,7 @@ def mask_preview(
     if n < 1:
         raise NexttokError(f"-n must be at least 1 (got {n})", param="n")
     dataset = read_dataset(data, fmt)
-    lm = load_lm(model, dtype, threads)
+    lm = load_lm(model, dtype, threads, "cpu")  # only its tokenizer is used
     ensure_chat_template(lm.tokenizer)
     renderer = Renderer(lm.tokenizer, train_on, max_length)
     examples = [renderer.render(r) for r in dataset.records]
@@ -188,6 +201,7 @@ def compare(
     plot: Annotated[str | None, typer.Option("--plot", help="Write paired bars of the candidates to a PNG.")] = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Two models' next-token distributions side by side: gains, losses, KL(A‖B), JS divergence."""
     from nexttok.compare import compare as run_compare
@@ -197,7 +211,7 @@ def compare(
     if top < 1:
         raise NexttokError(f"--top must be at least 1 (got {top})", param="top")
     text = read_prompt(prompt)
-    lm_a, lm_b = load_lm(models[0], dtype, threads), load_lm(models[1], dtype, threads)
+    lm_a, lm_b = load_lm(models[0], dtype, threads, device), load_lm(models[1], dtype, threads, device)
     result = run_compare(lm_a, lm_b, text, chat=chat, top=top)
     if as_json:
         report = {"model_a": models[0], "model_b": models[1], **result.to_dict()}

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nexttok.cli import app
-from nexttok.cli.common import DtypeOpt, ModelOpt, ThreadsOpt, console, load_lm, read_prompt
+from nexttok.cli.common import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, console, load_lm, read_prompt
 from nexttok.distribution import show_token
 from nexttok.errors import NexttokError
 from nexttok.generate import Step, generate, stage_records
@@ -188,6 +188,7 @@ def generate_cmd(
     model: ModelOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Continue PROMPT one token at a time, streaming the text as it is produced."""
     config = stage_config(
@@ -197,7 +198,7 @@ def generate_cmd(
     if num_samples < 1:
         raise NexttokError(f"--num-samples must be at least 1 (got {num_samples})", param="num_samples")
     text = read_prompt(prompt)
-    lm = load_lm(model, dtype, threads)
+    lm = load_lm(model, dtype, threads, device)
     ids = lm.encode(text, chat=chat)
     start = time.perf_counter()
     if num_samples > 1:
@@ -286,13 +287,14 @@ def chat(
     model: ModelOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Talk with the model: each line you type is a user turn; the whole conversation is its context."""
     config = SamplingConfig(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
         max_new_tokens=max_new_tokens, seed=seed,
     )  # fmt: skip
-    lm = load_lm(model, dtype, threads)
+    lm = load_lm(model, dtype, threads, device)
     lm.encode_chat([{"role": "user", "content": "hi"}])  # no chat template: fail now, not after the first line
     base = [{"role": "system", "content": system}] if system else []
     messages: list[dict] = list(base)

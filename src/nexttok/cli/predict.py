@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from nexttok.cli import app
-from nexttok.cli.common import DtypeOpt, ModelOpt, ThreadsOpt, console, load_lm, read_prompt
+from nexttok.cli.common import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, console, load_lm, read_prompt
 from nexttok.cli.generate import (
     BiasOpt,
     FreqOpt,
@@ -79,6 +79,7 @@ def predict(
     model: ModelOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """The next-token distribution for PROMPT: the top candidates, entropy, and any token you name."""
     temps = _temperatures(temperature, temperatures)
@@ -87,7 +88,7 @@ def predict(
     sampling = (top_k, top_p, min_p, typical_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias)
     config = stage_config(temperature, *sampling) if stages else None
     text = read_prompt(prompt)
-    lm = load_lm(model, dtype, threads)
+    lm = load_lm(model, dtype, threads, device)
     if config is not None:  # the sampling stages, in their fixed order (nexttok.processors)
         return show_stages(lm, text, chat, config, as_json)
     base = lm.distribution(text, chat=chat)
@@ -178,7 +179,7 @@ def tokenize(
 ) -> None:
     """The tokens of TEXT with their ids, as the model sees them."""
     text = read_prompt(text)
-    lm = load_lm(model, dtype, threads)
+    lm = load_lm(model, dtype, threads, "cpu")  # only its tokenizer is used
     ids = lm.encode(text, chat=chat)
     rows = [{"index": i, "id": t, "text": lm.token_text(t)} for i, t in enumerate(ids)]
     if as_json:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from nexttok.cli import app
-from nexttok.cli.common import ThreadsOpt, console
+from nexttok.cli.common import DeviceOpt, ThreadsOpt, console
 
 tokenizer_app = typer.Typer(help="Train a byte-level BPE tokenizer on your text.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
@@ -53,6 +53,7 @@ def pretrain(
         str | None, typer.Option("--tokenizer", help="'train' (BPE on the corpus), 'gpt2', or an HF tokenizer folder.")
     ] = None,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Train a Llama-architecture model from scratch on raw text, with the one training loop.
 
@@ -63,6 +64,7 @@ def pretrain(
     items = list(overrides or [])
     items += [f"train.out_dir={out}"] if out else []
     items += [f"threads={threads}"] if threads else []
+    items += [f"device={device}"] if device else []
     items += [f"tokenizer.source={tokenizer}"] if tokenizer else []
     recipe = load_recipe(config, items)
     say = console.print if distributed.rank() == 0 else (lambda *a, **k: None)
