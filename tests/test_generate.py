@@ -281,3 +281,73 @@ def test_the_kv_cache_goes_in_under_the_name_the_model_takes():
 
     assert cache_argument(Older()) == "past_key_values"
     assert cache_argument(LlamaForCausalLM) in inspect.signature(LlamaForCausalLM.forward).parameters
+
+
+def metaspace_tokenizer(text: str):
+    """A SentencePiece-style BPE (Llama 2, Mistral): '▁' marks spaces, byte fallback, and the decoder drops
+    the first word's leading space, so a token's text depends on what comes before it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", *bytes_]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def streamed(tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> str:
+    from types import SimpleNamespace
+
+    from nexttok.generate import _Text
+
+    text, out = _Text(SimpleNamespace(tokenizer=tokenizer), stop), []
+    for i in ids:
+        delta, hit = text.push(i)
+        out.append(delta)
+        if hit:  # the loop ends the sample here
+            return "".join(out)
+    return "".join(out) + text.flush()
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_streamed_text_equals_decoding_the_whole_sample(tok, kind):
+    """Each token decodes only a window; what is printed must still be exactly the whole decode, for
+    multi-byte characters split over tokens and for random ids (invalid UTF-8 included)."""
+    import random
+
+    from conftest import tiny_corpus
+
+    text = "Le café d’été — naïve 🙂 coöperation, 東京 and ROMEO: 🙂🙂 " * 3
+    tokenizer = tok if kind == "byte-level" else metaspace_tokenizer(tiny_corpus(8000))
+    rng = random.Random(0)
+    # Random ids, except byte-fallback tokens: their decoder turns every byte of a run that is not valid
+    # UTF-8 into U+FFFD, so a later byte can change how an earlier, valid one decodes (no stream can
+    # print that ahead of time). Valid characters spelled in byte tokens are in the text sample.
+    vocab = [i for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))) if t[:3] != "<0x"]
+    samples = [tokenizer.encode(text, add_special_tokens=False)]
+    samples += [[rng.choice(vocab) for _ in range(300)] for _ in range(5)]
+    for ids in samples:
+        assert streamed(tokenizer, ids) == tokenizer.decode(ids)
+    ids = samples[0]
+    assert streamed(tokenizer, ids, ("ROMEO",)) == tokenizer.decode(ids).split("ROMEO")[0]
+
+
+def test_streaming_decodes_a_window_per_token_not_the_whole_sample(tok):
+    """A long sample costs the same per token at its end as at its start (was quadratic)."""
+    from conftest import tiny_corpus
+
+    ids = tok.encode(tiny_corpus(8000), add_special_tokens=False)[:1500]
+    decoded = []
+
+    class Counting:
+        def decode(self, part):
+            decoded.append(len(part))
+            return tok.decode(part)
+
+    assert streamed(Counting(), ids) == tok.decode(ids)
+    assert sum(decoded) < 10 * len(ids)  # decoding the whole sample each token would be ~len(ids)**2

@@ -95,28 +95,44 @@ def check_context(lm: LM, n_prompt: int, max_new_tokens: int) -> None:
 
 class _Text:
     """Turns one sample's ids into printable text: cuts at a stop string, holds back what could
-    still become one (or half of a UTF-8 character), so nothing printed is ever taken back."""
+    still become one (or half of a UTF-8 character), so nothing printed is ever taken back.
+
+    Incremental: each token decodes only a short window (the ids since the last complete
+    character, after a few ids of context), not the whole sample, so a long generation costs
+    the same per token at its end as at its start."""
 
     def __init__(self, lm: LM, stop: tuple[str, ...]):
         self.lm, self.stop, self.ids, self.emitted = lm, stop, [], 0
+        self.text = ""  # the decoded text of ids[: self.read]: whole characters only
+        self.prefix = self.read = 0  # ids[prefix:read] are decoded again as context for the new ids
+        self.longest = max((len(s) for s in stop), default=0)
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; return the text now safe to print and whether a stop string was hit."""
         self.ids.append(token)
-        full = self.lm.tokenizer.decode(self.ids)
-        start = max(0, self.emitted - max((len(s) for s in self.stop), default=0))
+        context, new = self._window()
+        if len(new) > len(context) and not new.endswith("\ufffd"):  # U+FFFD: half a character still arriving
+            self.text += new[len(context) :]
+            self.prefix, self.read = self.read, len(self.ids)
+        full = self.text
+        start = max(0, self.emitted - self.longest)
         hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             return self._take(full, min(hits)), True
-        safe = len(full.rstrip("\ufffd"))  # a trailing U+FFFD is half a character still arriving
         hold = 0
         for s in self.stop:  # the longest tail of the text that begins a stop string waits
-            hold = max([hold] + [n for n in range(1, len(s)) if full[:safe].endswith(s[:n])])
-        safe -= hold
-        return self._take(full, max(safe, self.emitted)), False
+            hold = max([hold] + [n for n in range(1, len(s)) if full.endswith(s[:n])])
+        return self._take(full, max(len(full) - hold, self.emitted)), False
 
     def flush(self) -> str:
-        return self._take(self.lm.tokenizer.decode(self.ids), None)
+        context, new = self._window()
+        return self._take(self.text + new[len(context) :], None)
+
+    def _window(self) -> tuple[str, str]:
+        # Decoding the new ids after some context keeps what depends on it (a SentencePiece word's
+        # leading space) as decoding the whole sample would; the new text is what the context lacks.
+        decode = self.lm.tokenizer.decode
+        return decode(self.ids[self.prefix : self.read]), decode(self.ids[self.prefix :])
 
     def _take(self, full: str, end: int | None) -> str:
         end = len(full) if end is None else end
