@@ -232,7 +232,8 @@ def finetune(
     **train,
 ) -> FinetuneResult:
     """Fine-tune ``model`` on ``data`` with the same ``fit()`` as pretraining; ``train`` overrides any
-    :class:`nexttok.train.TrainConfig` field (``batch_size``, ``lr``, ``max_seconds``, ...)."""
+    :class:`nexttok.train.TrainConfig` field (``batch_size``, ``lr``, ``max_seconds``, ...); ``device`` is
+    where it trains (:func:`nexttok.models.resolve_device`: by default the CUDA GPU if any, else the CPU)."""
     from nexttok import distributed
     from nexttok.train import TrainConfig
 

@@ -86,20 +86,9 @@ def finetune(
     if lr is not None:
         train["min_lr"] = lr / 10
     result = run_finetune(
-        model,
-        data_opts,
-        out,
-        lora_opts,
-        merge,
-        epochs,
-        steps,
-        resume,
-        dtype,
-        threads,
-        console.print,
-        device=device,
-        **train,
-    )
+        model, data_opts, out, lora_opts, merge, epochs, steps, resume, dtype, threads, console.print,
+        device=device, **train,
+    )  # fmt: skip
     from nexttok import distributed
 
     if distributed.rank() != 0:
