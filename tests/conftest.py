@@ -108,12 +108,12 @@ def _no_hub(monkeypatch):
     # Tests never reach the hub: anything that tries fails fast instead of waiting on the network.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    monkeypatch.setenv("NEXTTOK_DEVICE", "cpu")  # for tests that change it (see the end of this file)
     monkeypatch.delenv("NEXTTOK_MODEL", raising=False)
     yield
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Every test runs on the CPU unless it asks for a device (tests/test_device.py), also on a GPU machine. Set at
-# import, not only in the autouse fixture: session fixtures (tiny_lm) are made before function-scoped ones.
+# import, not in the autouse fixture: session fixtures (tiny_lm) are made before function-scoped ones. A test
+# that changes it through monkeypatch gets this value back afterwards.
 os.environ["NEXTTOK_DEVICE"] = "cpu"
