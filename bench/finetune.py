@@ -4,7 +4,9 @@ Same model (the packaged default, fp32 weights on CPU), same records (chatterbot
 once through the chat template; TRL gets the very same ``input_ids`` and ``labels``, so both train on
 the completion only), maximum length 128, batch size 8. TRL runs with its defaults otherwise
 (``use_cpu=True``; its SFTConfig turns on bf16 autocast and gradient checkpointing by default).
-``--precision bf16`` (default) runs both sides under bf16 autocast, ``fp32`` neither;
+``--precision auto`` (default) runs both sides under bf16 autocast where bf16 matmuls are fast
+(``nexttok.precision.bf16_is_fast``: CUDA, CPUs with native bf16) and in fp32 elsewhere, and says which;
+``bf16`` forces autocast on both sides (on a CPU without native bf16 a step takes minutes), ``fp32`` neither;
 ``--trl-checkpointing off`` turns TRL's gradient checkpointing off (faster, more memory).
 
 Ours runs twice: ``pack`` (8 rows of up to 128 tokens, several records per row, block-diagonal
@@ -13,7 +15,7 @@ between consecutive steps (every overhead included), median over the steps after
 Reported: seconds per step, records per second, non-padding tokens per second (prompt + completion
 tokens processed), and the ratio ours / TRL (> 1 means we are faster). Interleaved repeats.
 
-    .venv/bin/python bench/finetune.py [--steps 3] [--repeats 3] [--precision bf16|fp32] [--layouts pad,pack]
+    .venv/bin/python bench/finetune.py [--steps 3] [--repeats 3] [--precision auto|bf16|fp32] [--layouts pad,pack]
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from nexttok.assets import chatterbot_files
 from nexttok.data.chat import Renderer
 from nexttok.data.formats import Record
 from nexttok.models import load_model_and_tokenizer
+from nexttok.precision import bf16_is_fast, cpu_bf16_ratio
 
 MAX_LEN, BATCH = 128, 8
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "targets": ["all-linear"]}
@@ -174,8 +177,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                    help="bf16: autocast on both sides (TRL's default); fp32: autocast off on both")  # fmt: skip
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="auto: bf16 where it is fast, else fp32; bf16: autocast on both sides (TRL's default); "
+                         "fp32: autocast off on both")  # fmt: skip
     ap.add_argument("--layouts", default="pad,pack", help="our batch layouts to measure")
     ap.add_argument("--trl-checkpointing", choices=["on", "off"], default="on",
                     help="TRL's gradient checkpointing (SFTConfig's default: on)")  # fmt: skip
@@ -186,6 +190,11 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if args.precision == "auto":
+        args.precision = "bf16" if bf16_is_fast("cpu") else "fp32"
+        print(f"precision auto: {args.precision} (bf16 matmul / fp32 matmul here: {cpu_bf16_ratio():.2f}x)")
+    elif args.precision == "bf16":
+        os.environ["NEXTTOK_BF16"] = "fast"  # as asked, even where bf16 is emulated (TRL's side has no check)
     _, tok, _ = load_model_and_tokenizer("default", device="cpu")
     rendered = Renderer(tok, "completion", MAX_LEN).render_all(chatterbot_records())
     examples = rendered.examples

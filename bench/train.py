@@ -8,6 +8,8 @@ call. The difference of the two calls is the per-step cost with the fixed costs 
 (fit()'s final checkpoint and loss plot, optimizer creation): that is the loop overhead the target
 is about. The fixed costs are printed separately, in seconds, and so is the whole-call ratio.
 MFU = achieved training FLOPs / a measured fp32 matmul peak (the faster of MKL and oneDNN).
+Last, each optimizer's share of a step: forward+backward and ``optimizer.step()`` timed apart, for AdamW
+and for the recipe's Muon, so a slow optimizer shows in the bench and not only in the final figure.
 
     .venv/bin/python bench/train.py                 # recipe shape, 3 repeats of 5 and 30 steps
     .venv/bin/python bench/train.py --steps 20 --repeats 5 model.layers=2
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import statistics
 import tempfile
@@ -30,6 +33,8 @@ from nexttok.config import load_recipe
 from nexttok.data.blocks import BlockSource, prepare, split_documents
 from nexttok.data.sources import load_corpus
 from nexttok.engine import _ONEDNN, onednn_linear
+from nexttok.optim import make_optimizer, step_times
+from nexttok.precision import bf16_is_fast
 from nexttok.pretrain import build_model, get_tokenizer, model_stats
 from nexttok.train import TrainConfig, fit
 
@@ -124,7 +129,18 @@ def main() -> None:
     peak = matmul_peak()
     rate = B * T / statistics.median(per_step["fit()"])
     print(f"MFU: {rate * stats.flops_per_token / peak:.1%} of the measured fp32 matmul peak ({peak / 1e9:.0f} GFLOP/s)")
+    for optimizer in ("adamw", "muon"):
+        optimizer_share(copy.deepcopy(init), source, recipe.train, optimizer, B, steps=10)
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+
+def optimizer_share(model, source, train: TrainConfig, optimizer: str, batch_size: int, steps: int) -> None:
+    """Median forward+backward and optimizer-step times over ``steps`` steps (after one warm-up)."""
+    opt = make_optimizer(model, dataclasses.replace(train, optimizer=optimizer))
+    a, b = step_times(model, opt, (source.batch(i, batch_size) for i in range(steps + 1)))
+    ns = f"; Newton–Schulz in {'bf16' if bf16_is_fast('cpu') else 'fp32'}" if optimizer == "muon" else ""
+    print(f"optimizer {optimizer:>5}: forward+backward {a * 1e3:.1f} ms, step {b * 1e3:.1f} ms "
+          f"({b / (a + b):.1%} of a training step, median of {steps}){ns}")  # fmt: skip
 
 
 def timed(run, init, steps: int) -> float:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nexttok.errors import NexttokError
-from nexttok.train import TrainConfig, fit, token_loss_sum
+from nexttok.loss import token_loss_sum
+from nexttok.train import TrainConfig, fit
 
 
 class ToySource:
@@ -158,7 +159,7 @@ def test_time_schedule_anneals_over_max_seconds(tmp_path):
 
 
 def test_param_groups_decay_only_matrices_and_scale_the_embedding_lr(tok):
-    from nexttok.train import param_groups
+    from nexttok.optim import param_groups
 
     model = tiny_model(tok)
     decay, no_decay, embed = param_groups(model, 0.1, embedding_lr_scale=5.0)
@@ -168,11 +169,11 @@ def test_param_groups_decay_only_matrices_and_scale_the_embedding_lr(tok):
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tmp_path, tok, ids):
-    from nexttok.train import make_optimizer
+    from nexttok.optim import Muon, make_optimizer
 
     model = tiny_model(tok)
     muon, adamw = make_optimizer(model, config(tmp_path, optimizer="muon")).optimizers
-    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(muon, Muon) and isinstance(adamw, torch.optim.AdamW)
     on_muon = {id(p) for g in muon.param_groups for p in g["params"]}
     head, embed = model.lm_head.weight, model.model.embed_tokens.weight
     hidden = {id(p) for p in model.parameters() if p.ndim == 2} - {id(head), id(embed)}
@@ -193,12 +194,24 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tmp_path, tok, ids):
         fit(tiny_model(tok), tok, ToySource(ids), None, again, resume=True)
 
 
-def test_bf16_autocast_trains_in_bfloat16(tmp_path, tok, ids):
+def test_bf16_autocast_trains_in_bfloat16(tmp_path, tok, ids, monkeypatch):
+    monkeypatch.setenv("NEXTTOK_BF16", "fast")  # as on a CPU with native bf16 (the tiny model is cheap either way)
     kw = dict(max_steps=4, warmup_steps=1, eval_every=0, save_every=0)
     fp32 = fit(tiny_model(tok, 0.0), tok, ToySource(ids), None, config(tmp_path / "a", **kw))
     bf16 = fit(tiny_model(tok, 0.0), tok, ToySource(ids), None, config(tmp_path / "b", bf16=True, **kw))
     # Same batches and init: the losses differ only by bfloat16 rounding (equal would mean no autocast).
     assert bf16.train_loss != fp32.train_loss and abs(bf16.train_loss - fp32.train_loss) < 0.1
+
+
+def test_bf16_where_it_is_slow_trains_in_float32_with_a_one_line_notice(tmp_path, tok, ids, monkeypatch):
+    from nexttok.errors import NexttokNotice
+
+    monkeypatch.setenv("NEXTTOK_BF16", "slow")  # as on a CPU without native bf16
+    kw = dict(max_steps=3, warmup_steps=1, eval_every=0, save_every=0)
+    fp32 = fit(tiny_model(tok, 0.0), tok, ToySource(ids), None, config(tmp_path / "a", **kw))
+    with pytest.warns(NexttokNotice, match=r"^train.bf16 \(--bf16\): .* so this runs in float32 instead$"):
+        asked = fit(tiny_model(tok, 0.0), tok, ToySource(ids), None, config(tmp_path / "b", bf16=True, **kw))
+    assert asked.train_loss == fp32.train_loss  # the very same float32 computation
 
 
 def test_only_trained_positions_reach_the_output_layer_and_the_loss_is_unchanged(tok, ids):

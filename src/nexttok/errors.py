@@ -8,3 +8,8 @@ class NexttokError(ValueError):
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class NexttokNotice(UserWarning):
+    """Something the user asked for runs another way here (for example bf16 on a CPU without native
+    bf16 runs in float32). The CLI prints ``note: <message>`` on one line."""

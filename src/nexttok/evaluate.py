@@ -11,6 +11,7 @@ import math
 import torch
 
 from nexttok import distributed
+from nexttok.loss import token_loss_sum
 
 LN2 = math.log(2)
 
@@ -19,8 +20,6 @@ LN2 = math.log(2)
 def evaluate(model: torch.nn.Module, source, batch_size: int, limit: int) -> dict[str, float]:
     """Mean held-out loss over at most ``limit`` batches of ``source.eval_batches``; with several
     processes each rank takes every world-th batch and the sums are combined."""
-    from nexttok.train import token_loss_sum
-
     was_training = model.training
     model.eval()
     sums = [0.0, 0.0, 0.0, 0.0]  # loss (nats), tokens, bytes, chars

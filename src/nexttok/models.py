@@ -21,6 +21,7 @@ import torch
 
 from nexttok import assets
 from nexttok.errors import NexttokError
+from nexttok.precision import use_bf16
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -122,6 +123,8 @@ def load_model_and_tokenizer(
     set_threads(threads)
     dt = torch_dtype(dtype)
     where = resolve_device(device)  # before the load: a wrong --device fails at once
+    if dt is torch.bfloat16 and not use_bf16(True, where, "--dtype bfloat16"):
+        dt, dtype = torch.float32, "float32"
     source = resolve(spec)
     if source.kind == "default":
         model, tok = _load_default(dt)

@@ -10,23 +10,24 @@ import json
 import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from nexttok import checkpoint, distributed
 from nexttok.errors import NexttokError
 from nexttok.evaluate import evaluate
+from nexttok.loss import token_loss_sum, trained_tokens
+from nexttok.optim import OPTIMIZERS, make_optimizer
+from nexttok.precision import use_bf16
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = '"steps", or "time" with max_seconds set'
 
 
@@ -123,149 +124,6 @@ class FitResult:
     stopped_early: bool = False
 
 
-MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
-
-
-def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the trained positions, and how many there are.
-    Labels are not pre-shifted: position t's logits predict the label at t+1. Only the trained
-    positions go through the output layer (see :func:`_trained_positions_only`)."""
-    inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
-    labels = batch["labels"][:, 1:]  # (B, T-1)
-    keep = labels != -100  # (B, T-1)
-    with _trained_positions_only(model, keep):
-        logits = model(**inputs, use_cache=False).logits  # (N, V) when selected, else (B, T, V)
-    if logits.dim() == 2:
-        loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")  # ()
-    else:
-        loss = F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
-        )  # ()
-    return loss, int(keep.sum())
-
-
-@contextmanager
-def _trained_positions_only(model: torch.nn.Module, keep: torch.Tensor):
-    """While active, the output layer projects only the hidden states of trained positions.
-
-    With a 49k vocabulary the output layer and its cross-entropy are a large share of a step's work,
-    and fine-tuning trains on a fraction of the positions (completions, assistant turns): the rest
-    need no logits. A pre-hook on the output layer turns its (B, T, H) input into the (N, H) rows
-    that ``keep`` marks; the model returns those N rows of logits unchanged. It works through DDP
-    and peft wrappers. Skipped under torch.compile (a hook added per step would recompile) and when
-    the layer's input is not the expected (B, T, H)."""
-    raw = getattr(model, "module", model)  # DDP
-    get = getattr(raw, "get_output_embeddings", None)
-    layer = get() if get is not None and not hasattr(model, "_orig_mod") else None
-    if layer is None:
-        yield
-        return
-
-    def select(_module, args):
-        hidden = args[0]  # (B, T, H)
-        if hidden.dim() != 3 or hidden.shape[:2] != (keep.shape[0], keep.shape[1] + 1):
-            return None
-        return (hidden[:, :-1][keep], *args[1:])  # (N, H)
-
-    handle = layer.register_forward_pre_hook(select)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-def trained_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int((batch["labels"][:, 1:] != -100).sum())
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float, embedding_lr_scale: float = 1.0) -> list[dict]:
-    """Decay only matrices: norms, biases and embeddings (incl. a tied output layer) are not decayed.
-    Embeddings get their own group: each row is updated only when its token occurs, so a larger
-    learning rate (``embedding_lr_scale``) can pay off early in training."""
-    embeddings = _embedding_ids(model)
-    decay, no_decay, embed = [], [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (embed if id(p) in embeddings else no_decay if p.ndim < 2 else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-        {"params": embed, "weight_decay": 0.0, "lr_scale": embedding_lr_scale},
-    ]
-
-
-def _embedding_ids(model: torch.nn.Module) -> set[int]:
-    return {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-
-
-def make_optimizer(model: torch.nn.Module, config: TrainConfig):
-    groups = [g for g in param_groups(model, config.weight_decay, config.embedding_lr_scale) if g["params"]]
-    if not groups:
-        raise NexttokError("the model has no trainable parameters; unfreeze some (or check the LoRA targets)")
-    if config.optimizer == "muon":
-        return _muon(model, groups, config)
-    return _adamw(groups, config)
-
-
-def _adamw(groups: list[dict], config: TrainConfig) -> torch.optim.Optimizer:
-    # The fused kernel is faster where it exists (torch>=2.4 on CPU); foreach is the portable fallback.
-    try:
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
-
-
-def _muon(model: torch.nn.Module, groups: list[dict], config: TrainConfig):
-    """Muon takes the 2-D weight matrices except the embeddings and the output layer (it
-    orthogonalises whole matrices, which suits hidden layers, not a lookup table or a classifier over
-    the vocabulary); AdamW the rest."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    skip = _embedding_ids(model) | ({id(head.weight)} if head is not None else set())
-    hidden = [p for g in groups for p in g["params"] if p.ndim == 2 and id(p) not in skip]
-    if not hidden:  # nothing for Muon to take
-        return _adamw(groups, config)
-    taken = {id(p) for p in hidden}
-    for g in groups:
-        g["params"] = [p for p in g["params"] if id(p) not in taken]
-    groups = [g for g in groups if g["params"]]
-    # "match_rms_adamw" scales each update to AdamW's size, so Muon reuses AdamW's lr and weight decay.
-    muon = torch.optim.Muon(
-        [{"params": hidden, "lr_scale": 1.0}],
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        adjust_lr_fn="match_rms_adamw",
-    )
-    return ChainedOptimizer([muon] + ([_adamw(groups, config)] if groups else []))
-
-
-class ChainedOptimizer:
-    """Several optimizers stepped, zeroed, saved and restored as one."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    def step(self) -> None:
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"chained": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        # Another optimizer's state raises KeyError or ValueError here, as in torch's own optimizers;
-        # checkpoint.load turns either into its one-line error.
-        for o, s in zip(self.optimizers, state["chained"], strict=True):
-            o.load_state_dict(s)
-
-
 class _Run:
     """The state of one fit() call: model, optimizer, timers and the metrics log."""
 
@@ -280,6 +138,7 @@ class _Run:
         self.world, self.rank = distributed.world(), distributed.rank()
         self.out = Path(config.out_dir)
         self.optimizer = make_optimizer(model, config)
+        self.bf16 = use_bf16(config.bf16, model.device, "train.bf16 (--bf16)")
         self.model = distributed.wrap(model)
         self.forward_model = torch.compile(self.model) if config.compile else self.model
         self.step = 0
@@ -297,7 +156,7 @@ class _Run:
         return self.rank == 0
 
     def autocast(self):
-        if not self.config.bf16:
+        if not self.bf16:
             return nullcontext()
         return torch.autocast(device_type=self.raw.device.type, dtype=torch.bfloat16)
 

@@ -9,23 +9,37 @@ import atexit
 import contextlib
 import os
 import sys
+import warnings
 
 import typer
 from typer.core import TyperGroup
 
 from nexttok import _gc
-from nexttok.errors import NexttokError
+from nexttok.errors import NexttokError, NexttokNotice
 
 
 class _Group(TyperGroup):
-    """Bad input becomes one line on stderr and exit code 2, never a traceback."""
+    """Bad input becomes one line on stderr and exit code 2, never a traceback; a notice (something
+    asked for that runs another way here) one line ``note: ...``."""
 
     def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except NexttokError as e:
-            typer.echo(f"error: {e}", err=True)
-            raise typer.Exit(2) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except NexttokError as e:
+                typer.echo(f"error: {e}", err=True)
+                raise typer.Exit(2) from None
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, NexttokNotice):
+        typer.echo(f"note: {message}", err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 app = typer.Typer(
