@@ -23,10 +23,10 @@ import time
 import torch
 
 import nexttok
-from nexttok.engine import HUGEPAGES_AFTER
 from nexttok.generate import generate
 from nexttok.hugepages import huge_tensor
 from nexttok.sampling import SamplingConfig
+from nexttok.weights import RELAYOUT_AFTER
 
 SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.9}
 SETTINGS = {"greedy": (1, {}), "sampling": (1, SAMPLING), "8 samples": (8, SAMPLING)}
@@ -91,10 +91,10 @@ def main() -> None:
     ids = prompt_ids(lm)
     new = args.new_tokens
     # Warm-up, untimed: the one-time costs (numba's compiled code; the move of the weights onto huge pages
-    # and their packed copy once HUGEPAGES_AFTER tokens are decoded) are paid before any timed run, as in a
+    # and their packed copy once RELAYOUT_AFTER tokens are decoded) are paid before any timed run, as in a
     # chat or a server (a run is new - 1 kernel steps: its first token comes from the prefill). The greedy
     # check then compares the code the timed runs use.
-    for _ in range(-(-HUGEPAGES_AFTER // (new - 1))):
+    for _ in range(-(-RELAYOUT_AFTER // (new - 1))):
         ours(lm, ids, 1, {}, new, 0)
     greedy_ours, greedy_peer = ours(lm, ids, 1, {}, new, 0), peer(lm, ids, 1, {}, new, 0)
     agree = sum(a == b for a, b in zip(greedy_ours, greedy_peer, strict=True))

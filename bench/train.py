@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from nexttok.config import load_recipe
 from nexttok.data.blocks import BlockSource, prepare, split_documents
 from nexttok.data.sources import load_corpus
-from nexttok.engine import _ONEDNN, onednn_linear
+from nexttok.engine import ONEDNN, onednn_linear
 from nexttok.optim import make_optimizer, step_times
 from nexttok.precision import bf16_is_fast
 from nexttok.pretrain import build_model, get_tokenizer, model_stats
@@ -69,7 +69,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
     torch has it (faster on AMD CPUs, where MKL runs a generic kernel): the practical peak for MFU."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     kernels = [lambda: a @ b]
-    if _ONEDNN:
+    if ONEDNN:
         kernels.append(lambda: onednn_linear(a, b))
     best = 0.0
     for kernel in kernels:

@@ -97,10 +97,9 @@ def test_top_is_clamped_and_validated(tiny_lm):
 
 
 def test_logits_only_at_the_last_position(tiny_lm):
-    from nexttok.engine import inference_model
 
     calls = []
-    heads = [tiny_lm.model.lm_head, inference_model(tiny_lm.model).lm_head]  # whichever runs: the CPU copy
+    heads = [tiny_lm.model.lm_head, tiny_lm.weights.inference_model().lm_head]  # whichever runs: the CPU copy
     hooks = [h.register_forward_hook(lambda m, i, o: calls.append(tuple(o.shape))) for h in heads]
     try:
         tiny_lm.distribution("ROMEO: what light through yonder window breaks")

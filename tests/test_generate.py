@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from nexttok.engine import Decoder, inference_model
+from nexttok.engine import Decoder
 from nexttok.errors import NexttokError
 from nexttok.generate import generate
 from nexttok.sampling import SamplingConfig
@@ -49,20 +49,20 @@ def test_decode_copy_shares_weights_and_follows_updates(tiny_model_dir):
     import nexttok
 
     lm = nexttok.load(str(tiny_model_dir))
-    fast = inference_model(lm.model)
-    assert fast is inference_model(lm.model)  # built once
+    fast = lm.weights.inference_model()
+    assert fast is lm.weights.inference_model()  # built once
     assert fast.model.embed_tokens.weight is lm.model.model.embed_tokens.weight  # shared, not copied
     row = torch.randn(1, 1, lm.model.config.hidden_size)  # a one-row call: the transposed-weight kernel
     torch.testing.assert_close(fast.lm_head(row), lm.model.lm_head(row))
     with torch.no_grad():
         lm.model.lm_head.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
-    assert inference_model(lm.model) is not fast
-    torch.testing.assert_close(inference_model(lm.model).lm_head(row), lm.model.lm_head(row))
+    assert lm.weights.inference_model() is not fast
+    torch.testing.assert_close(lm.weights.inference_model().lm_head(row), lm.model.lm_head(row))
 
 
 @pytest.mark.parametrize("threads", [1, 2])  # one-row calls pick their kernel by thread count
 def test_decode_linear_kernels_agree_with_nn_linear(threads):
-    from nexttok.engine import _ONEDNN, _InferenceLinear
+    from nexttok.engine import ONEDNN, InferenceLinear
 
     torch.manual_seed(0)
     before = torch.get_num_threads()
@@ -70,14 +70,14 @@ def test_decode_linear_kernels_agree_with_nn_linear(threads):
     try:
         for out_f, in_f in [(1536, 576), (576, 576), (576, 1536), (192, 576)]:  # widening, square, narrowing, small
             linear = torch.nn.Linear(in_f, out_f, bias=False)
-            fast = _InferenceLinear(linear)
+            fast = InferenceLinear(linear)
             for rows in (1, 8, 40):  # one row, a short prefill, a long prefill
                 x = torch.randn(1, rows, in_f)
                 torch.testing.assert_close(fast(x), linear(x), atol=1e-4, rtol=1e-4)
             assert fast.packed is None  # one sample never pays for the N-sample copy
             for x in (torch.randn(8, 1, in_f), torch.randn(8, in_f), torch.randn(3, 1, in_f)):  # N-sample steps
                 torch.testing.assert_close(fast(x), linear(x), atol=1e-4, rtol=1e-4)
-            assert (fast.packed is not None) == _ONEDNN  # N-sample steps ran on oneDNN's blocked copy
+            assert (fast.packed is not None) == ONEDNN  # N-sample steps ran on oneDNN's blocked copy
     finally:
         torch.set_num_threads(before)
 
@@ -159,7 +159,7 @@ def test_n_samples_share_one_prefill(tiny_lm, monkeypatch, numba):
 
     monkeypatch.setenv("NEXTTOK_NUMBA", numba)
     calls: list[tuple] = []
-    hook = inference_model(tiny_lm.model).model.register_forward_pre_hook(
+    hook = tiny_lm.weights.inference_model().model.register_forward_pre_hook(
         lambda mod, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
     prefill, step = kernels.DecodeKernel.prefill, kernels.SamplesKernel.step
@@ -224,10 +224,9 @@ def test_default_model_greedy_equals_hf_generate(default_lm):
 @pytest.mark.integration
 def test_default_model_greedy_equals_hf_generate_on_the_packed_weights(default_lm):
     """As a chat, a server or the bench decodes once the engine has packed the weights (nexttok.packed)."""
-    from nexttok import packed
     from nexttok.engine import Decoder
 
-    assert packed.pack(default_lm.model) is not None
+    assert default_lm.weights.pack() is not None
     try:
         decoder = Decoder(default_lm)
         decoder.prefill([1, 2, 3])
@@ -237,7 +236,7 @@ def test_default_model_greedy_equals_hf_generate_on_the_packed_weights(default_l
         hf = default_lm.model.generate(torch.tensor([ids]), max_new_tokens=48, min_new_tokens=48, do_sample=False)
         assert ids_of(steps) == hf[0, len(ids) :].tolist()
     finally:
-        del default_lm.model._nexttok_packed  # the other tests' model as it was
+        default_lm.weights._packed = None  # the other tests' model as it was
 
 
 def test_stage_records_for_the_next_token(tiny_lm):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nexttok.hugepages import HUGE, move_to_hugepages
+from nexttok.weights import WeightCache
 
 pytestmark = pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no MADV_HUGEPAGE on this platform")
 
@@ -60,7 +61,6 @@ def test_weights_move_in_place_in_reading_order_and_logits_stay(tmp_path):
         assert torch.equal(p, before[n])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, logits, atol=0, rtol=0)
-    assert move_to_hugepages(model) == 0  # once per model
     if "[never]" not in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text():
         assert vma_field(embed.data_ptr(), "THPeligible") == 1
 
@@ -74,6 +74,18 @@ def test_weights_move_in_place_in_reading_order_and_logits_stay(tmp_path):
     assert torch.equal(
         torch.load(tmp_path / "state.pt")["model.embed_tokens.weight"], before["model.embed_tokens.weight"]
     )
+
+
+def test_the_cache_moves_a_model_it_owns_once_and_one_passed_in_never(monkeypatch):
+    monkeypatch.setenv("NEXTTOK_PACKED", "0")  # the move alone
+    model = model_with_a_large_embedding()
+    embed = model.model.embed_tokens.weight
+    start = embed.data_ptr()
+    assert not WeightCache(model).relayout() and embed.data_ptr() == start  # the user's model: never moved
+    cache = WeightCache(model, owns_model=True)
+    assert cache.relayout() and embed.data_ptr() % HUGE == 0
+    moved = embed.data_ptr()
+    assert not cache.relayout() and embed.data_ptr() == moved  # once
 
 
 def test_training_updates_moved_weights_in_place():
@@ -92,18 +104,19 @@ def test_training_updates_moved_weights_in_place():
 @pytest.mark.parametrize("batch", [1, 2])  # one sample's kernel, and N samples'
 @pytest.mark.parametrize("setting", ["1", "0"])
 def test_decoding_moves_the_weights_after_enough_kernel_steps(setting, batch, monkeypatch):
-    """At the HUGEPAGES_AFTER-th kernel step of a model (unless turned off), mid-generation: the kernel
+    """At the RELAYOUT_AFTER-th kernel step of a model (unless turned off), mid-generation: the kernel
     reads the moved weights from then on (an in-place update after the move shows in its logits), and its
     logits still equal the model's own forward pass."""
     from types import SimpleNamespace
 
-    from nexttok import engine
+    from nexttok import engine, weights
 
     monkeypatch.setenv("NEXTTOK_HUGEPAGES", setting)
     monkeypatch.setenv("NEXTTOK_PACKED", "0")  # the packed copy would not see the in-place update (test_packed.py)
-    monkeypatch.setattr(engine, "HUGEPAGES_AFTER", 3)
+    monkeypatch.setattr(weights, "RELAYOUT_AFTER", 3)
     model = model_with_a_large_embedding()
-    ours, seq = engine.Decoder(SimpleNamespace(model=model)), [4, 8]
+    cache = WeightCache(model, owns_model=True)  # as nexttok.load() makes it: the model may move
+    ours, seq = engine.Decoder(SimpleNamespace(model=model, weights=cache)), [4, 8]
     ours.prefill(seq, batch)
     assert (ours.kernel if batch == 1 else ours.samples) is not None
     for i, token in enumerate([5, 17, 300, 2, 9]):

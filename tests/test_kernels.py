@@ -32,9 +32,10 @@ def tiny(kind: str) -> torch.nn.Module:
     return tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True)).eval()
 
 
-def run_kernel(model, ids: list[int], steps: int, capacity: int = 256) -> list[tuple[torch.Tensor, list[int]]]:
-    """(kernel logits, the sequence they follow) for the kernel's prefill of ``ids`` and ``steps`` greedy steps."""
-    kernel = kernels.DecodeKernel(model, capacity=capacity)
+def run_kernel(model, ids: list[int], steps: int, capacity: int = 256, weights=None) -> list[tuple]:
+    """(kernel logits, the sequence they follow) for the kernel's prefill of ``ids`` and ``steps`` greedy steps;
+    ``weights``: the weight cache whose packed copy it reads, if any."""
+    kernel = kernels.DecodeKernel(model, capacity=capacity, weights=weights)
     logits = kernel.prefill(ids)[0]
     seq, out = list(ids), [(logits, list(ids))]
     for _ in range(steps):

@@ -101,31 +101,33 @@ def test_gguf_file_loads_directly():
 
 
 def test_load_freezes_the_collector_at_exit_only(tiny_model_dir):
-    """A library user's load() leaves the process's final collections nothing to walk, and freezes nothing
-    before exit (import freezes the modules it brought; the console script also freezes after loading)."""
+    """A library user's import and load() freeze nothing while the process runs; at exit, load() leaves the
+    final collections nothing to walk (the console script also freezes after its imports and the load)."""
     import subprocess
     import sys
 
     code = (
-        "import atexit, gc, nexttok\n"
+        "import atexit, gc\n"
+        "before = gc.get_freeze_count()\n"
+        "import nexttok\n"
         "imported = gc.get_freeze_count()\n"
         f"lm = nexttok.load({str(tiny_model_dir)!r})\n"
         "loaded = gc.get_freeze_count()\n"
         "atexit._run_exitfuncs()\n"
-        "print(imported > 10000, loaded <= imported, gc.get_freeze_count() > loaded)\n"  # frozen objects can be freed
+        "print(imported == before, loaded == imported, gc.get_freeze_count() > loaded + 10000)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "True", "True"]
 
 
 def test_import_and_load_pause_the_collector_and_restore_it(tiny_model_dir):
-    """Start-up runs (almost) no collections (see _gc.py; ~900 ran before) and hands the collector back as
+    """Start-up runs (almost) no collections (see gc_pause.py; ~900 ran before) and hands the collector back as
     the caller had it."""
     import subprocess
     import sys
 
     code = (
-        "import atexit, collections.abc, contextlib, functools, gc, sys\n"  # what _gc.py needs before it pauses
+        "import atexit, collections.abc, contextlib, functools, gc, sys\n"  # what gc_pause.py needs before it pauses
         "runs = []\n"
         "gc.callbacks.append(lambda phase, info: runs.append(1) if phase == 'start' else None)\n"
         "if sys.argv[2] == 'off': gc.disable()\n"
@@ -143,11 +145,11 @@ def test_import_and_load_pause_the_collector_and_restore_it(tiny_model_dir):
 def test_paused_freezes_on_request_and_restores_on_error():
     import gc
 
-    from nexttok import _gc
+    from nexttok import gc_pause
 
     before = gc.get_freeze_count()
     try:
-        with _gc.paused(freeze=True):
+        with gc_pause.paused(freeze=True):
             assert not gc.isenabled()
             kept = [[i] for i in range(1000)]  # noqa: F841 (alive at the end of the block: frozen)
             raise KeyError("boom")
@@ -164,8 +166,8 @@ def test_console_script_setting_freezes_after_load(tiny_model_dir):
 
     code = (
         "import gc, sys, nexttok\n"
-        "from nexttok import _gc, cli\n"
-        "_gc.freeze_after_load = True\n"
+        "from nexttok import gc_pause, cli\n"
+        "gc_pause.freeze_after_load = True\n"
         "before = gc.get_freeze_count()\n"
         "lm = nexttok.load(sys.argv[1])\n"
         "print(gc.get_freeze_count() > before + 1000, gc.isenabled())\n"

@@ -11,8 +11,9 @@ import pytest
 import torch
 from test_kernels import run_kernel, tiny
 
-from nexttok import engine, kernels, packed
+from nexttok import engine, kernels, packed, weights
 from nexttok.packed import TILE
+from nexttok.weights import WeightCache
 
 
 def odd_sizes() -> torch.nn.Module:
@@ -34,8 +35,9 @@ def read_tiles(copy: packed.Packed, address: int, rows: int, cols: int, group: i
 
 def test_tiles_hold_each_matrix_transposed_in_reading_order():
     model = odd_sizes()
-    copy = packed.pack(model)
-    assert copy is not None and packed.packed(model) is copy  # made once, then found
+    cache = WeightCache(model)
+    copy = cache.pack()
+    assert copy is not None and cache.packed() is copy and cache.pack() is copy  # made once, then found
     layer = model.model.layers[1]
     a, f = layer.self_attn, layer.mlp
     qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()  # (80, 48)
@@ -58,9 +60,10 @@ def test_the_kernel_reads_the_packed_copy_with_the_model_forward_logits(kind):
     model = odd_sizes() if kind == "odd" else tiny(kind)
     ids = torch.randint(0, 97, (7,), generator=torch.Generator().manual_seed(3)).tolist()
     rows = run_kernel(model, ids, 10)
-    assert packed.pack(model) is not None
-    assert kernels.DecodeKernel(model).tiles.all(axis=1)[:-1].all()  # every layer's four matrices, packed
-    for (logits, seq), (by_rows, _) in zip(run_kernel(model, ids, 10), rows, strict=True):
+    cache = WeightCache(model)
+    assert cache.pack() is not None
+    assert kernels.DecodeKernel(model, weights=cache).tiles.all(axis=1)[:-1].all()  # every layer's four, packed
+    for (logits, seq), (by_rows, _) in zip(run_kernel(model, ids, 10, weights=cache), rows, strict=True):
         with torch.inference_mode():
             reference = model(torch.tensor([seq])).logits[0, -1]
         torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
@@ -69,27 +72,28 @@ def test_the_kernel_reads_the_packed_copy_with_the_model_forward_logits(kind):
 
 def test_a_copy_of_weights_that_changed_is_dropped_and_never_read():
     model = odd_sizes()
-    assert packed.pack(model) is not None
+    cache = WeightCache(model)
+    assert cache.pack() is not None
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # in place, as an optimizer step
-    kernel = kernels.DecodeKernel(model)
-    assert not kernel.tiles.any() and not hasattr(model, "_nexttok_packed")  # its memory is freed
-    (logits, seq), *_ = run_kernel(model, [3, 1, 4], 0)
+    kernel = kernels.DecodeKernel(model, weights=cache)
+    assert not kernel.tiles.any() and cache._packed is None  # its memory is freed
+    (logits, seq), *_ = run_kernel(model, [3, 1, 4], 0, weights=cache)
     with torch.inference_mode():
         torch.testing.assert_close(logits, model(torch.tensor([seq])).logits[0, -1], atol=1e-4, rtol=1e-4)
-    assert packed.pack(model) is not None  # a new copy can be made from the new weights
+    assert cache.pack() is not None  # a new copy can be made from the new weights
 
 
 def test_no_copy_without_the_memory_for_it_or_when_turned_off(monkeypatch):
     model = odd_sizes()
     size = sum(p.numel() * 4 for p in model.parameters())
     monkeypatch.setattr(packed, "_available_bytes", lambda: size)  # room for one copy, not for twice that
-    assert packed.pack(model) is None
+    assert WeightCache(model).pack() is None
     monkeypatch.setattr(packed, "_available_bytes", lambda: None)  # unknown: no copy either
-    assert packed.pack(model) is None
+    assert WeightCache(model).pack() is None
     monkeypatch.undo()
     monkeypatch.setenv("NEXTTOK_PACKED", "0")
-    assert packed.pack(model) is None and not hasattr(model, "_nexttok_packed")
+    assert WeightCache(model).pack() is None
 
 
 def test_without_huge_pages_the_copy_is_made_on_ordinary_ones(monkeypatch):
@@ -97,8 +101,9 @@ def test_without_huge_pages_the_copy_is_made_on_ordinary_ones(monkeypatch):
 
     monkeypatch.delattr(mmap, "MADV_HUGEPAGE", raising=False)  # as on macOS
     model = odd_sizes()
-    assert packed.pack(model) is not None
-    (logits, seq), *_ = run_kernel(model, [3, 1, 4], 0)
+    cache = WeightCache(model)
+    assert cache.pack() is not None
+    (logits, seq), *_ = run_kernel(model, [3, 1, 4], 0, weights=cache)
     with torch.inference_mode():
         torch.testing.assert_close(logits, model(torch.tensor([seq])).logits[0, -1], atol=1e-4, rtol=1e-4)
 
@@ -119,11 +124,12 @@ def test_a_tile_dot_sums_every_row_of_its_tile(n):
 
 
 def test_the_engine_packs_the_weights_mid_run_and_the_kernel_reads_them(monkeypatch):
-    """At the HUGEPAGES_AFTER-th kernel step the engine makes the packed copy and the running kernel reads
+    """At the RELAYOUT_AFTER-th kernel step the engine makes the packed copy and the running kernel reads
     it from the next step on; the logits still equal the model's forward pass."""
-    monkeypatch.setattr(engine, "HUGEPAGES_AFTER", 3)
+    monkeypatch.setattr(weights, "RELAYOUT_AFTER", 3)
     model = odd_sizes()
-    ours, seq = engine.Decoder(SimpleNamespace(model=model)), [4, 8]
+    cache = WeightCache(model)
+    ours, seq = engine.Decoder(SimpleNamespace(model=model, weights=cache)), [4, 8]
     ours.prefill(seq)
     for i, token in enumerate([5, 17, 30, 2, 9]):
         assert bool(ours.kernel.tiles.any()) == (i >= 3)  # packed during the third step
@@ -131,4 +137,4 @@ def test_the_engine_packs_the_weights_mid_run_and_the_kernel_reads_them(monkeypa
         with torch.no_grad():
             reference = model(torch.tensor([seq])).logits[:, -1]
         torch.testing.assert_close(ours.step(torch.tensor([token])), reference, atol=1e-4, rtol=1e-4)
-    assert packed.packed(model) is not None
+    assert cache.packed() is not None

@@ -1,9 +1,9 @@
 """nexttok: next-token prediction made visible — a language model is a classifier over its
 vocabulary, run in a loop."""
 
-from nexttok import _gc
+from nexttok import gc_pause
 
-with _gc.paused(freeze=True):  # torch and friends: modules live as long as the process (_gc.py)
+with gc_pause.paused():  # torch and friends: no collections while their objects arrive (gc_pause.py)
     from nexttok.distribution import Distribution, Row, TokenProb
     from nexttok.errors import NexttokError
     from nexttok.generate import Step, generate

@@ -1,22 +1,25 @@
 """Pretraining recipes: the model shape, the data, the tokenizer and the training settings, in YAML.
 
 Every field can be overridden on the command line as ``section.field=value`` (``train.lr=1e-3``).
-Unknown or out-of-range fields are errors that name the field and what it accepts.
+pydantic validates each section's dataclass (types coerced, unknown keys refused); the range checks are
+the dataclasses' own. Any problem is a one-line error that names the field and what it accepts.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import TypeAdapter, ValidationError
 
 from nexttok.errors import NexttokError
 from nexttok.train import TrainConfig
+
+FORBID_EXTRA = {"extra": "forbid"}  # pydantic's ConfigDict, read by TypeAdapter: unknown keys are errors
 
 
 def _check(section: str, checks: list[tuple[str, bool, str]], obj: Any) -> None:
@@ -28,6 +31,8 @@ def _check(section: str, checks: list[tuple[str, bool, str]], obj: Any) -> None:
 @dataclass
 class ModelConfig:
     """A Llama-architecture decoder built from scratch."""
+
+    __pydantic_config__ = FORBID_EXTRA
 
     layers: int = 4
     heads: int = 4
@@ -87,6 +92,8 @@ class ModelConfig:
 class DataConfig:
     """Where the text comes from and how the held-out part is chosen."""
 
+    __pydantic_config__ = FORBID_EXTRA
+
     paths: list[str] = field(default_factory=lambda: ["shakespeare"])
     text_field: str = "text"
     holdout: str = "documents"  # documents (whole documents, drawn by seed) or tail (end of the text)
@@ -111,6 +118,8 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
     """``train`` a byte-level BPE on the training split, ``gpt2``, or an HF tokenizer folder."""
+
+    __pydantic_config__ = FORBID_EXTRA
 
     source: str = "train"
     vocab_size: int = 4096
@@ -156,47 +165,52 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
 
 
-def _coerce(section: str, cls: type, name: str, value: Any) -> Any:
-    """YAML reads ``3e-3`` as a string and ``1`` as an int: convert to the field's declared type, and
-    refuse a value of the wrong kind (``null`` for a number, text for a flag) with the field's name."""
-    hint = typing.get_type_hints(cls)[name]
-    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) else (hint,)
-    field_name = f"{section}.{name}"
-    if value is None:
-        if type(None) in args:
-            return None
-        raise NexttokError(f"{field_name} cannot be null; give a value", field_name)
-    if bool in args and not isinstance(value, bool):
-        raise NexttokError(f"{field_name} must be true or false (got {value!r})", field_name)
-    if isinstance(value, bool):
-        return value
-    try:
-        if float in args and isinstance(value, str | int):
-            return float(value)
-        if int in args:
-            return int(value) if isinstance(value, str) or value == int(value) else value
-    except (ValueError, TypeError):
-        raise NexttokError(f"{field_name} must be a number (got {value!r})", field_name) from None
-    return value
-
-
 def _build(section: str, cls: type, values: Any) -> Any:
+    """``values`` validated and coerced by pydantic into ``cls`` (YAML reads ``3e-3`` as a string: it becomes
+    a float), then checked by ``cls.__post_init__``; any problem is one line naming the field."""
     if not isinstance(values, dict):
         raise NexttokError(f"'{section}' must be a mapping of fields", section)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in names:
-            raise NexttokError(
-                f"unknown field '{section}.{key}'; {section} fields are: {', '.join(sorted(names))}", f"{section}.{key}"
+    try:
+        return _adapter(cls).validate_python(values)
+    except ValidationError as e:
+        raise _one_line(section, cls, e.errors()) from None
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _one_line(section: str, cls: type, errors: list[dict]) -> NexttokError:
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    for kind in ("unexpected_keyword_argument", "missing"):
+        fields = [f"{section}.{e['loc'][0]}" for e in errors if e["type"] == kind]
+        if fields and kind == "missing":
+            return NexttokError(
+                f"the recipe lacks {', '.join(fields)}; give them in the YAML (see recipes/shakespeare.yaml) "
+                f"or as {section}.FIELD=VALUE",
+                section,
             )
-    required = [f.name for f in dataclasses.fields(cls) if f.default is f.default_factory is dataclasses.MISSING]
-    if missing := [name for name in required if name not in values]:
-        raise NexttokError(
-            f"the recipe lacks {', '.join(f'{section}.{m}' for m in missing)}; give them in the YAML "
-            f"(see recipes/shakespeare.yaml) or as {section}.FIELD=VALUE",
-            section,
-        )
-    return cls(**{k: _coerce(section, cls, k, v) for k, v in values.items()})
+        if fields:
+            return NexttokError(f"unknown field '{fields[0]}'; {section} fields are: {', '.join(names)}", fields[0])
+    e = errors[0]
+    if e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), NexttokError):
+        return e["ctx"]["error"]  # a range check of __post_init__, already one line
+    name = f"{section}.{e['loc'][0]}" if e["loc"] else section
+    return NexttokError(f"{name} {_what(e)}", name)
+
+
+def _what(error: dict) -> str:
+    kind, value = error["type"], error.get("input")
+    if value is None:
+        return "cannot be null; give a value"
+    if kind.startswith("bool"):
+        return f"must be true or false (got {value!r})"
+    if kind == "int_from_float":
+        return f"must be a whole number (got {value!r})"
+    if kind.startswith(("int", "float")):
+        return f"must be a number (got {value!r})"
+    return f"is not valid: {error['msg']} (got {value!r})"
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:

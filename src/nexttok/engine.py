@@ -6,7 +6,7 @@ their prefill and steps there (numba, the model's own weights). Otherwise: trans
 ``DynamicCache`` (measured faster here than a ``StaticCache`` in eager mode: a static cache attends
 over its whole preallocated length through a mask), the final norm's output for the last position
 only through the output layer, N samples sharing one prefill, and an inference copy of the model
-whose linear layers pick a faster kernel per call shape (_InferenceLinear). ``LM.last_logits``
+whose linear layers pick a faster kernel per call shape (InferenceLinear). ``LM.last_logits``
 (``predict``) runs on the same copy.
 """
 
@@ -23,17 +23,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from nexttok import _gc
-from nexttok.hugepages import move_to_hugepages
+from nexttok import gc_pause
 
 if TYPE_CHECKING:
     from nexttok.lm import LM
+    from nexttok.weights import WeightCache
 
 
 _log = logging.getLogger(__name__)  # unconfigured, a warning is one plain line on stderr
 
 # oneDNN's x86 GEMM (measured faster than MKL's here); other builds and CPUs keep nn.Linear's kernels.
-_ONEDNN = (
+ONEDNN = (
     torch.backends.mkldnn.is_available()
     and platform.machine().lower() in ("x86_64", "amd64")
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -46,7 +46,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
 
 
-class _InferenceLinear(nn.Module):
+class InferenceLinear(nn.Module):
     """A bias-free linear layer with a kernel chosen per call shape (measured, see docs/generate.md).
 
     One row (a decode step of one sample) is a matrix-vector product bound by memory reads. With
@@ -68,19 +68,19 @@ class _InferenceLinear(nn.Module):
         self.transposed = out_f >= in_f  # widening or square: q, o, gate, up, the output layer
         self.weight_t: torch.Tensor | None = None  # (in, out), made on the first one-row call that uses it
         self.packed: torch.Tensor | None = None  # oneDNN's blocked layout, made on the first N-sample step
-        self.onednn = _ONEDNN and linear.weight.numel() >= 2**18  # all but the small k, v projections
-        self.onednn_row = _ONEDNN and linear.weight.numel() >= 2**19  # gate, up, down, the output layer
+        self.onednn = ONEDNN and linear.weight.numel() >= 2**18  # all but the small k, v projections
+        self.onednn_row = ONEDNN and linear.weight.numel() >= 2**19  # gate, up, down, the output layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         fp32 = x.dtype == torch.float32
         if rows == 1:
             return self._one_row(x, fp32)
-        if _ONEDNN and fp32 and rows == x.shape[0] and rows <= 16:  # (N, 1, in) or (N, in): N samples
+        if ONEDNN and fp32 and rows == x.shape[0] and rows <= 16:  # (N, 1, in) or (N, in): N samples
             if self.packed is None:
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.linear.weight.detach(), rows)
             return onednn_linear(x, self.packed)
-        if _ONEDNN and fp32 and (self.onednn or rows > 16):
+        if ONEDNN and fp32 and (self.onednn or rows > 16):
             return onednn_linear(x, self.linear.weight)
         return self.linear(x)
 
@@ -101,32 +101,16 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def weights_version(model: nn.Module) -> tuple[int, ...]:
-    """A value that changes when any of ``model``'s parameters is updated in place or replaced (copies of
-    the weights made for speed compare it to know they are stale)."""
-    # In-place updates (optimizer steps, load_state_dict) bump a tensor's version: the copy is then stale.
-    # Tensors made under inference_mode have no version counter: -1 (they cannot be updated in place later).
-    return tuple(p._version if not p.is_inference() else -1 for p in model.parameters()) + tuple(
-        id(p) for p in model.parameters()
-    )
-
-
-def inference_model(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` for inference on the CPU: the same modules and the same (shared) parameters, except that
-    each bias-free ``nn.Linear`` picks its kernel by call shape (:class:`_InferenceLinear`).
-    Built once and cached on the model; rebuilt when the model's weights change."""
-    version = weights_version(model)
-    cached = getattr(model, "_nexttok_inference", None)
-    if cached is not None and cached[0] == version:
-        return cached[1]
+def inference_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference on the CPU: the same modules and the same (shared) parameters,
+    except that each bias-free ``nn.Linear`` picks its kernel by call shape (:class:`InferenceLinear`).
+    ``model`` is not changed; the LM's weight cache keeps the copy (``nexttok.weights.WeightCache``)."""
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
-    shared[id(cached)] = None  # a stale copy is not copied along
     fast = copy.deepcopy(model, memo=shared)  # new module objects, the very same tensors
     for parent in list(fast.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child.bias is None:
-                setattr(parent, name, _InferenceLinear(child))
-    object.__setattr__(model, "_nexttok_inference", (version, fast))  # not a submodule: no state_dict entry
+                setattr(parent, name, InferenceLinear(child))
     return fast
 
 
@@ -146,6 +130,7 @@ class Decoder:
         self.cache = DynamicCache(config=lm.model.config)
         self.forward_calls = 0
         self._hf_model = lm.model
+        self._weights = lm.weights
         self.kernel = None  # the compiled one-sample step (kernels.py), when it covers the model
         self.samples = None  # the compiled step of N samples of one prompt (kernels.SamplesKernel), likewise
         self._use_kernel = fast and kernel and os.environ.get("NEXTTOK_NUMBA", "1") != "0"
@@ -153,10 +138,10 @@ class Decoder:
 
     @property
     def model(self) -> nn.Module:
-        """The model the torch path runs: the inference copy (:func:`inference_model`) on the CPU. Made on
+        """The model the torch path runs: the inference copy (:func:`inference_copy`) on the CPU. Made on
         first use, so a run that the compiled kernel does alone skips its check of every parameter (~10 ms)."""
         if self._model is None:
-            self._model = inference_model(self._hf_model) if self._fast else self._hf_model
+            self._model = self._weights.inference_model() if self._fast else self._hf_model
         return self._model
 
     @torch.inference_mode()
@@ -172,7 +157,7 @@ class Decoder:
         # On a model the compiled kernel covers, the kernel reads a short prompt too (faster up to
         # DecodeKernel.PREFILL_MAX tokens; a longer one goes through the HF model, its cache to the kernel).
         # N samples then continue from N copies of the prompt's keys and values, one compiled call per step.
-        kernel = _decode_kernel(self._hf_model, len(ids), batch > 1) if self._use_kernel else None
+        kernel = _decode_kernel(self._weights, len(ids), batch > 1) if self._use_kernel else None
         if kernel is not None and len(ids) <= kernel.PREFILL_MAX:
             self.forward_calls += 1
             logits = kernel.prefill(ids)  # (1, V)
@@ -210,14 +195,9 @@ class Decoder:
         return summaries
 
     def _move_when_due(self, steps: int) -> None:
-        """Before ``steps`` more kernel steps: when these steps reach HUGEPAGES_AFTER, move the weights onto
-        huge pages and make their packed copy (nexttok.packed), and have the kernel read them from there."""
-        if not _hugepages_due(self._hf_model, steps):
-            return
-        from nexttok.packed import pack
-
-        moved = move_to_hugepages(self._hf_model)
-        if (pack(self._hf_model) is not None) or moved:
+        """Before ``steps`` more kernel steps: when these steps reach ``weights.RELAYOUT_AFTER``, relay the
+        weights out (huge pages, packed copy) and have the kernel read them from there."""
+        if self._weights.count_steps(steps) and self._weights.relayout():
             (self.kernel or self.samples.kernel).rebind()  # the weights now live elsewhere
 
     def summary(self, top: int):
@@ -226,25 +206,13 @@ class Decoder:
         return None if self.kernel is None else self.kernel.summary(top)
 
 
-# The kernel's decode moves the model's weights into a huge-page arena in reading order (hugepages.py), and
-# makes their packed copy (packed.py), once this process has decoded this many tokens of it: the move
-# costs ~1 s on the VM measured and the copy 1.3-1.6 s and the model's size in memory, so a one-shot
-# `nexttok generate` of a few hundred tokens never pays it, and a chat, a server or a benchmark soon does.
-HUGEPAGES_AFTER = 512
-
-
-def _hugepages_due(model: nn.Module, steps: int = 1) -> bool:
-    """Count ``steps`` kernel steps of ``model``; True when they include the HUGEPAGES_AFTER-th."""
-    before = getattr(model, "_nexttok_kernel_steps", 0)
-    model._nexttok_kernel_steps = before + steps  # a plain attribute: not a parameter, not in the state dict
-    return before < HUGEPAGES_AFTER <= before + steps
-
-
-def _decode_kernel(model: nn.Module, length: int, samples: bool = False):
-    """kernels.DecodeKernel for ``model`` and a prompt of ``length`` tokens (continued as N ``samples``) when
-    it covers the model and numba imports; None otherwise (the torch path)."""
+def _decode_kernel(weights: WeightCache, length: int, samples: bool = False):
+    """kernels.DecodeKernel for the cache's model and a prompt of ``length`` tokens (continued as N
+    ``samples``) when it covers the model and numba imports; None otherwise (the torch path)."""
+    model = weights.model
     try:
-        with _gc.paused(freeze=_gc.freeze_after_load):  # numba and llvmlite: many long-lived objects (_gc.py)
+        # numba and llvmlite: many long-lived objects (gc_pause.py)
+        with gc_pause.paused(freeze=gc_pause.freeze_after_load):
             from nexttok import kernels
     except ImportError:  # numba missing or broken on this platform
         return None
@@ -254,4 +222,4 @@ def _decode_kernel(model: nn.Module, length: int, samples: bool = False):
         _log.warning(
             "nexttok: compiling the decode kernel for this CPU (once after install: about a minute on 2 cores)"
         )
-    return kernels.DecodeKernel(model, capacity=max(2 * length, length + 256))
+    return kernels.DecodeKernel(model, capacity=max(2 * length, length + 256), weights=weights)

@@ -200,13 +200,10 @@ def default_train_settings(steps: int, lora: bool, has_eval: bool) -> dict:
 def load_base(model: str | None, dtype: str, threads: int | None, data: DataOptions, device: str | None = None):
     """The base model and its tokenizer, ready for chat records; ``data`` with ``max_length`` capped
     at the model's context (a record may not be longer than that)."""
-    from transformers.utils import logging as hf_logging
+    from nexttok.models import load_model_and_tokenizer, quiet_transformers
 
-    from nexttok.models import load_model_and_tokenizer
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    base, tokenizer, _ = load_model_and_tokenizer(model, dtype=dtype, threads=threads, device=device)
+    with quiet_transformers():
+        base, tokenizer, _ = load_model_and_tokenizer(model, dtype=dtype, threads=threads, device=device)
     prepare_tokenizer(base, tokenizer)
     context = getattr(base.config, "max_position_embeddings", None)
     if context and data.max_length > context:

@@ -5,7 +5,8 @@ pages of the default model, each one a page-table walk when the TLB misses, and 
 that stops at every page's end; with 2 MiB pages, ~270. And with the weights back to back in the order
 a step reads them, the step is close to one long stream instead of 210 separate matrices. Measured on
 the compiled decode step (docs/generate.md). The engine moves a model's weights once its kernel has
-decoded ``engine.HUGEPAGES_AFTER`` tokens (the move takes ~1 s here).
+decoded ``weights.RELAYOUT_AFTER`` tokens (the move takes ~1 s here), and only a model nexttok loaded
+itself (``weights.WeightCache.owns_model``): a model the user passed in stays where it is.
 
 The arena is one anonymous mapping, advised for huge pages and aligned to 2 MiB; each parameter becomes
 a view of its part (``p.data = ...``), so modules, tied weights and optimizers see the same Parameter
@@ -41,16 +42,13 @@ def huge_tensor(like: torch.Tensor, size: int) -> torch.Tensor:
 
 def move_to_hugepages(model: torch.nn.Module) -> int:
     """Move ``model``'s contiguous CPU parameters into one huge-page arena, in place (same Parameter objects,
-    so tied weights stay tied), once per model; return the bytes moved (0 when already done, unsupported, or
-    turned off with ``NEXTTOK_HUGEPAGES=0``).
+    so tied weights stay tied); return the bytes moved (0 when unsupported, or turned off with
+    ``NEXTTOK_HUGEPAGES=0``). The caller moves a model once (``weights.WeightCache.relayout``).
 
     The arena holds them back to back in ``model.parameters()`` order, which for HF decoders is the order a
     decode step reads them (layer by layer: q, k, v, o, gate, up, down), so a step is close to one stream."""
-    if not hasattr(mmap, "MADV_HUGEPAGE") or getattr(model, "_nexttok_hugepages", False):
+    if not hasattr(mmap, "MADV_HUGEPAGE") or os.environ.get("NEXTTOK_HUGEPAGES", "1") == "0":
         return 0
-    if os.environ.get("NEXTTOK_HUGEPAGES", "1") == "0":
-        return 0
-    model._nexttok_hugepages = True  # a plain attribute: not a parameter, not in the state dict
     params = [p for p in model.parameters() if p.device.type == "cpu" and p.is_contiguous() and p.numel()]
     if not params:
         return 0

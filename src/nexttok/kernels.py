@@ -41,7 +41,7 @@ from __future__ import annotations
 import os
 import platform
 from collections.abc import Container
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numba
 import numpy as np
@@ -52,12 +52,14 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from nexttok import packed
 from nexttok.packed import DOWN as _P_DOWN
 from nexttok.packed import GATE_UP as _P_GATE_UP
 from nexttok.packed import O_PROJ as _P_O
 from nexttok.packed import QKV as _P_QKV
 from nexttok.packed import TILE
+
+if TYPE_CHECKING:
+    from nexttok.weights import WeightCache
 
 # Reassociation lets LLVM vectorize the dot products; no-NaN/no-inf assumptions are left out.
 _MATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -958,9 +960,9 @@ class DecodeKernel:
     # 96: 247 / 265, 128: 337 / 314.
     PREFILL_MAX = 48 if _WIDE else 96
 
-    def __init__(self, model: torch.nn.Module, capacity: int = 256):
+    def __init__(self, model: torch.nn.Module, capacity: int = 256, weights: WeightCache | None = None):
         m = model.model
-        self.model, self.length = model, 0
+        self.model, self.length, self.weights = model, 0, weights
         self.eps = np.float32(model.config.rms_norm_eps)
         self.rebind()
         attn = m.layers[0].self_attn
@@ -989,8 +991,8 @@ class DecodeKernel:
         self.addresses = np.array([[a.ctypes.data for a in arrays] for arrays in self.layers], dtype=np.int64)
         self.norm, self.head = _array(m.norm.weight), _array(self.model.lm_head.weight)
         self.embed = _array(m.embed_tokens.weight)
-        # The packed copy's addresses (layers + 1, 4), if the model has a current one (else zeros: the rows).
-        self.packed = packed.packed(self.model)  # also keeps its arena alive
+        # The packed copy's addresses (layers + 1, 4), if the weight cache has a current one (else zeros: the rows).
+        self.packed = self.weights.packed() if self.weights is not None else None  # also keeps its arena alive
         self.tiles = np.zeros((len(self.layers) + 1, 4), np.int64)
         if self.packed is not None:
             self.tiles[:-1], self.tiles[-1, 0] = self.packed.layers, self.packed.head

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
 
-from nexttok import _gc
+from nexttok import gc_pause
+from nexttok.bytelevel import byte_decoder
 from nexttok.distribution import Distribution
 from nexttok.errors import NexttokError
-from nexttok.models import ModelSource, load_model_and_tokenizer
+from nexttok.models import ModelSource, load_model_and_tokenizer, quiet_transformers
+from nexttok.weights import WeightCache
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: shows the raw bytes of a token that is part of a
-    multi-byte character."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
 
 
 class LM:
@@ -38,12 +24,24 @@ class LM:
     >>> d = lm.distribution("The capital of France is")
     >>> d.top(3)[0].text
     ' Paris'
+
+    A Hugging Face model and tokenizer already in memory are wrapped as they are: ``nexttok.LM(model,
+    tokenizer)``. nexttok then never changes that model: the copies it makes for speed live in
+    ``lm.weights`` (:class:`nexttok.weights.WeightCache`) and go with the LM. ``owns_model`` (as
+    :func:`load` sets it) lets nexttok move the model's parameters onto huge pages for a long decode.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, source: ModelSource):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        source: ModelSource | None = None,
+        owns_model: bool = False,
+    ):
         self.model = model
         self.tokenizer = tokenizer
-        self.source = source
+        self.source = source or ModelSource("memory", type(model).__name__)
+        self.weights = WeightCache(model, owns_model)
         self._texts: dict[int, str] = {}  # token_text's answers: a generate step asks for 4+ per token
 
     @property
@@ -100,7 +98,7 @@ class LM:
         if "\ufffd" not in text:
             return text
         raw = self.tokenizer.convert_ids_to_tokens(token_id)
-        dec = _byte_decoder()
+        dec = byte_decoder()
         if isinstance(raw, str) and raw and all(c in dec for c in raw):
             return "".join(f"\\x{dec[c]:02x}" for c in raw)
         return raw if isinstance(raw, str) else text
@@ -147,10 +145,8 @@ class LM:
         return float(logprobs.gather(1, torch.tensor(continuation, device=logprobs.device).unsqueeze(1)).sum())
 
     def _fast(self) -> PreTrainedModel:
-        """The model with faster kernels per call shape on the CPU (:func:`nexttok.engine.inference_model`)."""
-        from nexttok.engine import inference_model
-
-        return inference_model(self.model) if self.model.device.type == "cpu" else self.model
+        """The model with faster kernels per call shape on the CPU (:func:`nexttok.engine.inference_copy`)."""
+        return self.weights.inference_model() if self.model.device.type == "cpu" else self.model
 
     def distribution(self, prompt: str | list[int], chat: bool = False, temperature: float = 1.0) -> Distribution:
         """The next-token :class:`Distribution` for ``prompt`` (text, or token ids)."""
@@ -162,11 +158,8 @@ def load(model: str | None = None, dtype: str = "float32", threads: int | None =
     """Load a model: ``default`` (or ``None``: ``$NEXTTOK_MODEL``, else the packaged SmolLM2-135M-Instruct),
     a local HF folder, a ``.gguf`` file, or a hub id (online only); onto ``device`` (``auto``, the default:
     the CUDA GPU when torch sees one, else the CPU; or ``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
-    with _gc.paused(freeze=_gc.freeze_after_load):  # ~400,000 new objects: no collections while they arrive
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        lm = LM(*load_model_and_tokenizer(model, dtype=dtype, threads=threads, device=device))
-    _gc.freeze_at_exit()
+    # ~400,000 new objects: no collections while they arrive; transformers quiet only meanwhile.
+    with gc_pause.paused(freeze=gc_pause.freeze_after_load), quiet_transformers():
+        lm = LM(*load_model_and_tokenizer(model, dtype=dtype, threads=threads, device=device), owns_model=True)
+    gc_pause.freeze_at_exit()
     return lm

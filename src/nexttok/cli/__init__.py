@@ -7,53 +7,15 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
 import sys
-import warnings
 
-import typer
-from typer.core import TyperGroup
-
-from nexttok import _gc
-from nexttok.errors import NexttokError, NexttokNotice
-
-
-class _Group(TyperGroup):
-    """Bad input becomes one line on stderr and exit code 2, never a traceback; a notice (something
-    asked for that runs another way here) one line ``note: ...``."""
-
-    def invoke(self, ctx):
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
-            try:
-                return super().invoke(ctx)
-            except NexttokError as e:
-                typer.echo(f"error: {e}", err=True)
-                raise typer.Exit(2) from None
-
-
-_default_showwarning = warnings.showwarning
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    if issubclass(category, NexttokNotice):
-        typer.echo(f"note: {message}", err=True)
-    else:
-        _default_showwarning(message, category, filename, lineno, file, line)
-
-
-app = typer.Typer(
-    cls=_Group,
-    name="nexttok",
-    help="See and use next-token prediction: a language model is a classifier over its vocabulary, run in a loop.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    rich_markup_mode="rich",
-)
+from nexttok import gc_pause
+from nexttok.cli.app import app
 
 # Verb modules register their commands on `app` when imported.
-with _gc.paused(freeze=True):  # their imports (datasets, peft, ...): see _gc.py
+with gc_pause.paused():  # their imports (datasets, peft, ...): see gc_pause.py
     from nexttok.cli import finetune as _finetune  # noqa: E402,F401
     from nexttok.cli import generate as _generate  # noqa: E402,F401
     from nexttok.cli import predict as _predict  # noqa: E402,F401
@@ -67,7 +29,10 @@ QUICK_VERBS = {"predict", "tokenize", "generate", "chat", "compare", "mask-previ
 
 def main() -> None:
     """The console script (and ``python -m nexttok``)."""
-    _gc.freeze_after_load = True  # this process holds nothing but ours (_gc.py)
+    # This process holds nothing but ours (gc_pause.py): what the imports brought moves to the permanent
+    # generation now, and a loaded model's objects after loading.
+    gc.freeze()
+    gc_pause.freeze_after_load = True
     code: int | str | None = 0
     try:
         app()

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from nexttok.cli import app
+from nexttok.cli.app import app
 from nexttok.cli.common import DeviceOpt, DtypeOpt, ThreadsOpt, console, load_lm, read_prompt
 from nexttok.distribution import show_token
 from nexttok.errors import NexttokError

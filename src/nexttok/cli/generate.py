@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from nexttok.cli import app
+from nexttok.cli.app import app
 from nexttok.cli.common import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, console, load_lm, read_prompt
 from nexttok.distribution import show_token
 from nexttok.errors import NexttokError

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from nexttok.cli import app
+from nexttok.cli.app import app
 from nexttok.cli.common import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, console, load_lm, read_prompt
 from nexttok.cli.generate import (
     BiasOpt,

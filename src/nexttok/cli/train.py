@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from nexttok.cli import app
+from nexttok.cli.app import app
 from nexttok.cli.common import DeviceOpt, ThreadsOpt, console
 
 tokenizer_app = typer.Typer(help="Train a byte-level BPE tokenizer on your text.", no_args_is_help=True)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from nexttok import assets
+from nexttok.bytelevel import byte_decoder
 from nexttok.errors import NexttokError
 
 if TYPE_CHECKING:
@@ -155,9 +156,7 @@ def _read_cache(folder: Path, cached: bool) -> TokenData:
 def text_tables(tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """For each token id: how many UTF-8 bytes of text it stands for, and how many characters start
     in it (bytes that are not continuation bytes). Special tokens stand for no text."""
-    from nexttok.lm import _byte_decoder
-
-    dec, specials = _byte_decoder(), set(tokenizer.all_special_ids)
+    dec, specials = byte_decoder(), set(tokenizer.all_special_ids)
     n = len(tokenizer)
     n_bytes, n_chars = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(n)))):

@@ -21,16 +21,23 @@ freeze_after_load = False
 
 @contextlib.contextmanager
 def paused(freeze: bool = False) -> Iterator[None]:
-    """No automatic collections inside the block; the caller's setting after it. With ``freeze``, every
-    object alive at the end (imported modules, a loaded model, and whatever else the process holds) moves
-    to the permanent generation, which later collections skip; reference counting still frees them."""
-    enabled = gc.isenabled()
+    """No automatic collections inside the block; the caller's setting after it.
+
+    At the end, the objects that arrived (imported modules, a loaded model) would make the next young
+    collections walk all of them. With ``freeze`` (the console script's process, which holds nothing but
+    ours) they move to the permanent generation, which later collections skip. Without it they move to
+    the oldest generation, where surviving two collections would have put them anyway, minus those walks
+    (``gc.freeze`` then ``gc.unfreeze``); only when nothing was frozen before, so the caller's frozen
+    count stays as it was. Reference counting still frees them either way."""
+    enabled, frozen = gc.isenabled(), gc.get_freeze_count()
     gc.disable()
     try:
         yield
     finally:
-        if freeze:
+        if freeze or not frozen:
             gc.freeze()
+        if not freeze and not frozen:
+            gc.unfreeze()
         if enabled:
             gc.enable()
 
