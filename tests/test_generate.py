@@ -350,3 +350,48 @@ def test_streaming_decodes_a_window_per_token_not_the_whole_sample(tok):
 
     assert streamed(Counting(), ids) == tok.decode(ids)
     assert sum(decoded) < 10 * len(ids)  # decoding the whole sample each token would be ~len(ids)**2
+
+
+def test_the_decoder_choice_says_which_decoder_runs_and_why(tiny_lm, monkeypatch):
+    from types import SimpleNamespace
+
+    from nexttok.engine import decoder_choice
+
+    assert decoder_choice(tiny_lm) == (True, "compiled CPU decoder: a LlamaForCausalLM in float32 on the CPU")
+    monkeypatch.setenv("NEXTTOK_NUMBA", "0")
+    compiled, why = decoder_choice(tiny_lm)
+    assert not compiled and why == "torch decoder: NEXTTOK_NUMBA=0 turns the compiled decoder off"
+    assert Decoder(tiny_lm).reason == why
+    monkeypatch.delenv("NEXTTOK_NUMBA")
+    gpt2 = SimpleNamespace(model=tiny_gpt2())
+    compiled, why = decoder_choice(gpt2)
+    assert not compiled and why.endswith("does not cover this model (architecture GPT2LMHeadModel)")
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=1, n_head=2)).eval()
+
+
+def test_generate_verbose_names_the_decoder(tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from nexttok.cli import app
+
+    args = ["generate", "To be", "--model", str(tiny_model_dir), "-n", "3", "--temperature", "0", "--verbose"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "decoder: compiled CPU decoder: a LlamaForCausalLM in float32 on the CPU" in r.stderr
+
+
+def test_the_loop_reads_as_the_idea_with_no_branch_on_the_decoder():
+    """generate's loop talks to the decoder through start/next and Scores only; what the compiled path
+    needs (run-ahead, summaries) is behind that interface."""
+    import importlib
+
+    module = importlib.import_module("nexttok.generate")  # the package's `generate` is the function
+    source = inspect.getsource(module._loop)
+    assert "kernel" not in source and "pending" not in source and "summary" not in source
+    assert len(source.splitlines()) <= 30

@@ -216,10 +216,11 @@ def test_steps_from_the_kernel_equal_the_torch_path(tiny_lm, monkeypatch):
 
 
 def test_greedy_runs_ahead_in_one_kernel_call_and_stops_at_eos(tiny_lm, monkeypatch):
-    """Greedy without stages runs up to _AHEAD kernel steps per call (never past max_new_tokens), and a
+    """Greedy without stages runs up to AHEAD kernel steps per call (never past max_new_tokens), and a
     call ends at an end-of-turn token: no step is run after it."""
     from nexttok import kernels
-    from nexttok.generate import _AHEAD, eos_ids, generate
+    from nexttok.engine import AHEAD as _AHEAD
+    from nexttok.generate import eos_ids, generate
     from nexttok.sampling import SamplingConfig
 
     calls: list[tuple[int, int]] = []  # (steps asked, steps run)

@@ -18,7 +18,8 @@ import logging
 import os
 import platform
 from collections.abc import Container
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -114,12 +115,36 @@ def inference_copy(model: nn.Module) -> nn.Module:
     return fast
 
 
+@dataclass
+class Scores:
+    """The next-token scores of each row, as the loop gets them from a decoder."""
+
+    logits: torch.Tensor | None  # (B, V) on the CPU; None for a step run ahead (its summary says enough)
+    summary: Any = None  # one row: the compiled decoder's kernels.Summary of the logits (argmax, top, ...)
+
+
+@dataclass
+class Lookahead:
+    """Greedy decoding with no stage and no trace: each next token is the last step's argmax, so a
+    decoder may run up to ``steps`` steps ahead, ending after an argmax in ``stop``."""
+
+    steps: int
+    stop: Container[int] = ()
+
+
+# Greedy steps the compiled decoder runs in one call under a Lookahead: Steps then come in bursts of up
+# to this many tokens (~0.1 s here).
+AHEAD = 8
+
+
 class Decoder:
     """Runs ``lm``'s model over a growing sequence, reusing every earlier position's keys and values.
 
-    ``prefill(ids, batch)`` reads the prompt once and returns the next-token logits of ``batch``
-    identical rows, shape (B, V); each ``step(tokens)`` feeds one token per row and returns the
-    next logits. ``forward_calls`` counts model calls (a test checks N samples use one prefill).
+    The loop's side: ``start(ids, rows, top)`` reads the prompt once and returns the first :class:`Scores`
+    of ``rows`` identical rows; ``next(tokens)`` feeds one token per row and returns the next. Below it,
+    ``prefill`` and ``step`` give the logits, (B, V). Which model runs them (the compiled CPU decoder, or
+    torch) is :func:`decoder_choice`'s; ``reason`` says why. ``forward_calls`` counts model calls (a test
+    checks N samples use one prefill).
     """
 
     def __init__(self, lm: LM, fast: bool = True, kernel: bool = True):
@@ -133,8 +158,28 @@ class Decoder:
         self._weights = lm.weights
         self.kernel = None  # the compiled one-sample step (kernels.py), when it covers the model
         self.samples = None  # the compiled step of N samples of one prompt (kernels.SamplesKernel), likewise
-        self._use_kernel = fast and kernel and os.environ.get("NEXTTOK_NUMBA", "1") != "0"
+        self._use_kernel, self.reason = decoder_choice(lm, fast and kernel)
         self._cache_arg = cache_argument(lm.model)
+        self._top, self._ahead, self._left, self._pending = 0, None, 0, []
+
+    def start(self, ids: list[int], rows: int = 1, top: int = 0, lookahead: Lookahead | None = None) -> Scores:
+        """Prefill ``ids`` as ``rows`` rows; the first Scores. ``top``: how many of the highest logits a
+        compiled step's summary keeps. ``lookahead``: the tokens will be each step's argmax."""
+        logits = self.prefill(ids, rows)
+        self._top, self._pending = top, []
+        self._ahead = lookahead if self.kernel is not None and top > 0 else None  # only the compiled one-row step
+        self._left = lookahead.steps if self._ahead is not None else 0
+        return Scores(logits, self.summary(top))
+
+    def next(self, tokens: torch.Tensor) -> Scores:
+        """Feed one token per row; the next Scores (under a Lookahead, from steps already run)."""
+        if self._ahead is None:
+            logits = self.step(tokens)
+            return Scores(logits, self.summary(self._top))
+        if not self._pending:  # the next steps' tokens are their predecessors' argmax: run them now
+            self._pending = self.greedy(int(tokens[0]), min(AHEAD, self._left), self._top, self._ahead.stop)
+        self._left -= 1
+        return Scores(None, self._pending.pop(0))
 
     @property
     def model(self) -> nn.Module:
@@ -206,18 +251,32 @@ class Decoder:
         return None if self.kernel is None else self.kernel.summary(top)
 
 
+def decoder_choice(lm: LM, fast: bool = True) -> tuple[bool, str]:
+    """Whether the compiled CPU decoder runs ``lm``'s model, and why (or why not): the one place it is decided."""
+    model = lm.model
+    if not fast:
+        return False, "torch decoder: the plain model was asked for"
+    if model.device.type != "cpu":
+        return False, f"torch decoder: the model is on {model.device} (the compiled decoder is CPU-only)"
+    if os.environ.get("NEXTTOK_NUMBA", "1") == "0":
+        return False, "torch decoder: NEXTTOK_NUMBA=0 turns the compiled decoder off"
+    try:
+        with gc_pause.paused(freeze=gc_pause.freeze_after_load):  # numba, llvmlite: long-lived objects
+            from nexttok import kernels
+    except ImportError as e:  # numba missing or broken on this platform
+        return False, f"torch decoder: numba does not import here ({e})"
+    why_not = kernels.unsupported(model)
+    if why_not:
+        return False, f"torch decoder: the compiled decoder does not cover this model ({why_not})"
+    return True, f"compiled CPU decoder: a {type(model).__name__} in float32 on the CPU"
+
+
 def _decode_kernel(weights: WeightCache, length: int, samples: bool = False):
     """kernels.DecodeKernel for the cache's model and a prompt of ``length`` tokens (continued as N
-    ``samples``) when it covers the model and numba imports; None otherwise (the torch path)."""
+    ``samples``), on a model :func:`decoder_choice` gave to the compiled decoder."""
+    from nexttok import kernels  # decoder_choice imported it
+
     model = weights.model
-    try:
-        # numba and llvmlite: many long-lived objects (gc_pause.py)
-        with gc_pause.paused(freeze=gc_pause.freeze_after_load):
-            from nexttok import kernels
-    except ImportError:  # numba missing or broken on this platform
-        return None
-    if kernels.unsupported(model):
-        return None
     if not kernels.compiled_on_disk(samples):
         _log.warning(
             "nexttok: compiling the decode kernel for this CPU (once after install: about a minute on 2 cores)"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from nexttok.engine import Decoder
+from nexttok.engine import Decoder, Lookahead, Scores
 from nexttok.errors import NexttokError
 from nexttok.lm import LM
 from nexttok.processors import StageRecord, apply, build_processors
@@ -149,11 +149,20 @@ class _Row:
     done: bool = False
 
 
-def _describe(logits, scores, chosen: torch.Tensor, top: int, summary=None) -> dict:
-    """Per-row statistics of the chosen tokens, batched and moved to Python in one go. With the
-    compiled kernel's ``summary`` of the (one) row, no further pass over the vocabulary is needed."""
+def _choose(scores: Scores, processed: torch.Tensor | None, generators) -> torch.Tensor:
+    """The next token of each row, (B,): drawn from the processed scores, or their argmax when greedy
+    (a decoder's summary already knows the argmax of logits no stage changed)."""
+    if generators is None and processed is scores.logits and scores.summary is not None:
+        return torch.tensor([scores.summary.argmax])
+    return sample(processed, generators)
+
+
+def _describe(scores: Scores, processed, chosen: torch.Tensor, top: int) -> dict:
+    """Per-row statistics of the chosen tokens, batched and moved to Python in one go. With a decoder's
+    ``summary`` of the (one) row, no further pass over the vocabulary is needed."""
+    logits, summary = scores.logits, scores.summary
     if summary is not None:
-        return _describe_summary(logits, None if scores is logits else scores, int(chosen[0]), summary)
+        return _describe_summary(logits, None if processed is logits else processed, int(chosen[0]), summary)
     logp = torch.log_softmax(logits, dim=-1)  # (B, V): the model's own distribution
     chosen_lp = logp.gather(1, chosen[:, None])  # (B, 1)
     alt_lp, alt_ids = torch.topk(logp, top, dim=-1)  # (B, top)
@@ -161,14 +170,14 @@ def _describe(logits, scores, chosen: torch.Tensor, top: int, summary=None) -> d
         "logprob": chosen_lp[:, 0].tolist(),
         "rank": ((logp > chosen_lp).sum(-1) + 1).tolist(),
         "entropy": (-(logp.exp() * logp).nan_to_num().sum(-1)).tolist(),
-        "sampled": torch.softmax(scores, dim=-1).gather(1, chosen[:, None])[:, 0].tolist(),
+        "sampled": torch.softmax(processed, dim=-1).gather(1, chosen[:, None])[:, 0].tolist(),
         "alt_lp": alt_lp.tolist(),
         "alt_ids": alt_ids.tolist(),
     }
 
 
 def _describe_summary(logits, scores, chosen: int, summary) -> dict[str, list]:
-    """_describe for one row of (1, V) ``logits`` from the kernel's summary (same fields, same ranks);
+    """_describe for one row of (1, V) ``logits`` from a decoder's summary (same fields, same ranks);
     ``scores`` None when no stage changed them. The argmax needs only the summary (``logits`` may be None:
     a step run ahead keeps none)."""
     if chosen == summary.argmax:
@@ -261,34 +270,22 @@ def generate(
     return _loop(lm, ids, config, stages, rows, trace, min(alternatives, lm.vocab_size))
 
 
-# Greedy steps the kernel runs in one call when nothing between two steps needs Python (greedy, no
-# stages, no trace, one sample): Steps then come in bursts of up to this many tokens (~0.1 s here).
-_AHEAD = 8
-
-
 def _loop(
     lm: LM, ids: list[int], config: SamplingConfig, stages: list, rows: list[_Row], trace: bool, top: int
 ) -> Iterator[Step]:
-    """Prefill, then per position: stages -> sample -> Steps -> feed the chosen tokens back."""
+    """Prefill, then per position: the distribution -> stages -> sample -> Steps -> append the chosen tokens."""
     n = len(rows)
     generators = None if config.greedy else make_generators([r.seed for r in rows])
     eos = set() if config.ignore_eos else eos_ids(lm)
     decoder = Decoder(lm)
     context = torch.tensor([ids]).expand(n, -1)  # (B, T): what the penalties look at
-    logits = decoder.prefill(ids, n)  # (B, V)
-    ahead = decoder.kernel is not None and generators is None and not stages and not trace and top > 0
-    pending: list = []  # summaries of the kernel's greedy steps run ahead, in order (their logits not kept)
+    # Greedy with no stage: every token will be the argmax, which a decoder may compute steps ahead.
+    ahead = Lookahead(config.max_new_tokens - 1, eos) if generators is None and not stages and not trace else None
+    scores = decoder.start(ids, n, top, ahead)  # (B, V) logits of the first new position
     for index in range(config.max_new_tokens):
-        if pending:
-            summary, logits, scores, records = pending.pop(0), None, None, []
-        else:
-            scores, records = apply(stages, context, logits, trace)
-            summary = decoder.summary(top)  # None unless the compiled one-sample kernel made these logits
-        if summary is not None and generators is None and scores is logits:
-            chosen = torch.tensor([summary.argmax])  # greedy without stages: the kernel's argmax
-        else:
-            chosen = sample(scores, generators)  # (B,)
-        info = _describe(logits, scores, chosen, top, summary)
+        processed, records = apply(stages, context, scores.logits, trace)
+        chosen = _choose(scores, processed, generators)  # (B,)
+        info = _describe(scores, processed, chosen, top)
         ctx = {"index": index, "position": len(ids) + index, "eos": eos, "records": records}
         ctx["last"] = index + 1 == config.max_new_tokens
         yield from _step_records(lm, rows, chosen.tolist(), info, ctx)
@@ -296,7 +293,4 @@ def _loop(
             return
         if stages:
             context = torch.cat([context, chosen[:, None]], dim=1)  # (B, T + 1)
-        if ahead and not pending:  # the next steps' tokens are their predecessors' argmax: run them now
-            pending = decoder.greedy(int(chosen[0]), min(_AHEAD, config.max_new_tokens - index - 1), top, eos)
-        elif not pending:
-            logits = decoder.step(chosen)
+        scores = decoder.next(chosen)

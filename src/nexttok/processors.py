@@ -288,8 +288,9 @@ def apply(
     processors: Sequence[Processor], input_ids: torch.Tensor, scores: torch.Tensor, trace: bool = False
 ) -> tuple[torch.Tensor, list[list[StageRecord]]]:
     """Run the stages in order on (B, V) ``scores``. With ``trace``, ``records[row]`` lists what each
-    stage left in that row, starting with the model's own distribution; without, it is empty."""
-    rows = range(scores.shape[0])
+    stage left in that row, starting with the model's own distribution; without, it is empty. No stage
+    and no trace: ``scores`` as they are (even None)."""
+    rows = range(scores.shape[0]) if trace else range(0)
     records = [[record("model", None, scores[r])] for r in rows] if trace else []
     for stage in processors:
         new = stage(input_ids, scores)

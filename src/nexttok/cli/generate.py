@@ -17,6 +17,7 @@ from rich.table import Table
 from nexttok.cli.app import app
 from nexttok.cli.common import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, console, load_lm, read_prompt
 from nexttok.distribution import show_token
+from nexttok.engine import decoder_choice
 from nexttok.errors import NexttokError
 from nexttok.generate import Step, generate, stage_records
 from nexttok.processors import StageRecord
@@ -185,6 +186,9 @@ def generate_cmd(
     trace: Annotated[bool, typer.Option("--trace", help="Print the step table (context, token, p, top 3).")] = False,
     trace_json: Annotated[str | None, typer.Option("--trace-json", help="Write one JSON object per step.")] = None,
     stages: Annotated[bool, typer.Option("--stages", help="Record each stage's survivors in the trace.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Say which decoder runs the model and why (also with --trace).")
+    ] = False,
     model: ModelOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
@@ -200,6 +204,8 @@ def generate_cmd(
     text = read_prompt(prompt)
     lm = load_lm(model, dtype, threads, device)
     ids = lm.encode(text, chat=chat)
+    if verbose or trace:
+        err.print(f"[dim]decoder: {decoder_choice(lm)[1]}[/dim]")
     start = time.perf_counter()
     if num_samples > 1:
         steps = list(generate(lm, ids, config, num_samples=num_samples, trace=stages))
