@@ -17,9 +17,7 @@ import yaml
 from pydantic import TypeAdapter, ValidationError
 
 from nexttok.errors import NexttokError
-from nexttok.train import TrainConfig
-
-FORBID_EXTRA = {"extra": "forbid"}  # pydantic's ConfigDict, read by TypeAdapter: unknown keys are errors
+from nexttok.train import FORBID_EXTRA, TrainConfig
 
 
 def _check(section: str, checks: list[tuple[str, bool, str]], obj: Any) -> None:
@@ -182,17 +180,18 @@ def _adapter(cls: type) -> TypeAdapter:
 
 
 def _one_line(section: str, cls: type, errors: list[dict]) -> NexttokError:
-    names = sorted(f.name for f in dataclasses.fields(cls))
-    for kind in ("unexpected_keyword_argument", "missing"):
-        fields = [f"{section}.{e['loc'][0]}" for e in errors if e["type"] == kind]
-        if fields and kind == "missing":
-            return NexttokError(
-                f"the recipe lacks {', '.join(fields)}; give them in the YAML (see recipes/shakespeare.yaml) "
-                f"or as {section}.FIELD=VALUE",
-                section,
-            )
-        if fields:
-            return NexttokError(f"unknown field '{fields[0]}'; {section} fields are: {', '.join(names)}", fields[0])
+    def fields(kind: str) -> list[str]:
+        return [f"{section}.{e['loc'][0]}" for e in errors if e["type"] == kind]
+
+    if unknown := fields("unexpected_keyword_argument"):
+        names = ", ".join(sorted(f.name for f in dataclasses.fields(cls)))
+        return NexttokError(f"unknown field '{unknown[0]}'; {section} fields are: {names}", unknown[0])
+    if missing := fields("missing"):
+        return NexttokError(
+            f"the recipe lacks {', '.join(missing)}; give them in the YAML (see recipes/shakespeare.yaml) "
+            f"or as {section}.FIELD=VALUE",
+            section,
+        )
     e = errors[0]
     if e["type"] == "value_error" and isinstance(e.get("ctx", {}).get("error"), NexttokError):
         return e["ctx"]["error"]  # a range check of __post_init__, already one line

@@ -34,9 +34,10 @@ def paused(freeze: bool = False) -> Iterator[None]:
     try:
         yield
     finally:
-        if freeze or not frozen:
+        if freeze:
             gc.freeze()
-        if not freeze and not frozen:
+        elif not frozen:
+            gc.freeze()
             gc.unfreeze()
         if enabled:
             gc.enable()

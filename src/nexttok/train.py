@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
+# pydantic's ConfigDict on the config dataclasses, read by config.py's TypeAdapters: unknown keys are errors.
+FORBID_EXTRA = {"extra": "forbid"}
 SCHEDULES = '"steps", or "time" with max_seconds set'
 
 
@@ -36,7 +38,7 @@ SCHEDULES = '"steps", or "time" with max_seconds set'
 class TrainConfig:
     """Everything the loop needs besides the model and the batches. Checked on construction."""
 
-    __pydantic_config__ = {"extra": "forbid"}  # recipes validate through pydantic (config.py)
+    __pydantic_config__ = FORBID_EXTRA
 
     out_dir: str
     max_steps: int
