@@ -24,7 +24,7 @@ import torch
 
 import nexttok
 from nexttok.generate import generate
-from nexttok.hugepages import huge_tensor
+from nexttok.cpu.hugepages import huge_tensor
 from nexttok.sampling import SamplingConfig
 from nexttok.weights import RELAYOUT_AFTER
 

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from nexttok.config import load_recipe
 from nexttok.data.blocks import BlockSource, prepare, split_documents
 from nexttok.data.sources import load_corpus
-from nexttok.engine import ONEDNN, onednn_linear
 from nexttok.optim import make_optimizer, step_times
 from nexttok.precision import bf16_is_fast
 from nexttok.pretrain import build_model, get_tokenizer, model_stats
+from nexttok.torchdecode import ONEDNN, onednn_linear
 from nexttok.train import TrainConfig, fit
 
 RECIPE = Path(__file__).parents[1] / "recipes" / "shakespeare.yaml"

@@ -123,11 +123,13 @@ def test_gpu_seed_draws_the_same_tokens_as_on_the_cpu(gpu_lm, tiny_lm):
 
 @gpu
 def test_gpu_n_samples_share_one_prefill(gpu_lm, monkeypatch):
-    from nexttok.engine import Decoder
+    from nexttok.torchdecode import TorchDecoder
 
     calls = []
-    forward = Decoder._forward
-    monkeypatch.setattr(Decoder, "_forward", lambda self, x: calls.append(tuple(x.shape)) or forward(self, x))
+    forward = TorchDecoder._forward
+    monkeypatch.setattr(
+        TorchDecoder, "_forward", lambda self, x, *a, **k: calls.append(tuple(x.shape)) or forward(self, x, *a, **k)
+    )
     config = SamplingConfig(seed=3, max_new_tokens=6, ignore_eos=True)
     steps = list(generate(gpu_lm, PROMPT, config, num_samples=4))
     assert calls == [(1, len(gpu_lm.encode(PROMPT)))] + [(4, 1)] * 5

@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
-from nexttok.engine import Decoder
+from nexttok.cpu.decoder import CompiledDecoder
+from nexttok.decoders import make_decoder
 from nexttok.errors import NexttokError
 from nexttok.generate import generate
 from nexttok.sampling import SamplingConfig
+from nexttok.torchdecode import TorchDecoder
 
 PROMPT = "To be, or not to be"
 
@@ -25,7 +27,7 @@ def greedy(n: int, **kw) -> SamplingConfig:
     return SamplingConfig(temperature=0, max_new_tokens=n, ignore_eos=True, **kw)
 
 
-@pytest.mark.parametrize("numba", ["1", "0"])  # the compiled one-sample step (kernels.py), and the torch path
+@pytest.mark.parametrize("numba", ["1", "0"])  # the compiled one-sample step (nexttok.cpu), and the torch path
 def test_greedy_equals_hf_generate(tiny_lm, numba, monkeypatch):
     monkeypatch.setenv("NEXTTOK_NUMBA", numba)
     ids = tiny_lm.encode(PROMPT)
@@ -62,7 +64,7 @@ def test_decode_copy_shares_weights_and_follows_updates(tiny_model_dir):
 
 @pytest.mark.parametrize("threads", [1, 2])  # one-row calls pick their kernel by thread count
 def test_decode_linear_kernels_agree_with_nn_linear(threads):
-    from nexttok.engine import ONEDNN, InferenceLinear
+    from nexttok.torchdecode import ONEDNN, InferenceLinear
 
     torch.manual_seed(0)
     before = torch.get_num_threads()
@@ -85,14 +87,13 @@ def test_decode_linear_kernels_agree_with_nn_linear(threads):
 @pytest.mark.parametrize("kernel", [True, False])
 def test_cached_logits_equal_recomputed_logits(tiny_lm, kernel):
     ids = tiny_lm.encode(PROMPT)
-    decoder = Decoder(tiny_lm, kernel=kernel)
-    logits = decoder.prefill(ids)[0]
-    assert (decoder.kernel is not None) == kernel
+    decoder = CompiledDecoder(tiny_lm) if kernel else TorchDecoder(tiny_lm)
+    row, logits = decoder.add(ids)
     seq = list(ids)
     for _ in range(12):
         torch.testing.assert_close(logits, tiny_lm.last_logits(seq).float(), atol=1e-4, rtol=1e-4)
         seq.append(int(logits.argmax()))
-        logits = decoder.step(torch.tensor([seq[-1]]))[0]
+        logits = decoder.step([row], [seq[-1]])[0]
 
 
 def test_steps_describe_the_model_distribution(tiny_lm):
@@ -153,20 +154,18 @@ def test_eos_ends_the_sample(tiny_lm):
     assert len(steps) == 1 and steps[0].id == eos and steps[0].finish_reason == "eos" and steps[0].delta == ""
 
 
-@pytest.mark.parametrize("numba", ["1", "0"])  # the compiled N-sample step (kernels.py), and the torch path
+@pytest.mark.parametrize("numba", ["1", "0"])  # the compiled N-sample step (nexttok.cpu), and the torch path
 def test_n_samples_share_one_prefill(tiny_lm, monkeypatch, numba):
-    from nexttok import kernels
-
     monkeypatch.setenv("NEXTTOK_NUMBA", numba)
     calls: list[tuple] = []
     hook = tiny_lm.weights.inference_model().model.register_forward_pre_hook(
         lambda mod, args, kwargs: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
     )
-    prefill, step = kernels.DecodeKernel.prefill, kernels.SamplesKernel.step
+    call = CompiledDecoder._call
     monkeypatch.setattr(
-        kernels.DecodeKernel, "prefill", lambda k, ids: calls.append(("kernel", len(ids))) or prefill(k, ids)
-    )
-    monkeypatch.setattr(kernels.SamplesKernel, "step", lambda k, t: calls.append(("samples", len(t))) or step(k, t))
+        CompiledDecoder, "_call", lambda d, slots, tokens, *a: calls.append(("walk", len(slots), len(tokens)))
+        or call(d, slots, tokens, *a),
+    )  # fmt: skip
     try:
         config = SamplingConfig(seed=3, max_new_tokens=6, ignore_eos=True)
         steps = list(generate(tiny_lm, PROMPT, config, num_samples=4))
@@ -175,7 +174,7 @@ def test_n_samples_share_one_prefill(tiny_lm, monkeypatch, numba):
     n_prompt = len(tiny_lm.encode(PROMPT))
     # one prefill, then one batched call per token
     if numba == "1":
-        assert calls == [("kernel", n_prompt)] + [("samples", 4)] * 5
+        assert calls == [("walk", 1, n_prompt)] + [("walk", 4, 4)] * 5  # rows, positions
     else:
         assert calls == [(1, n_prompt)] + [(4, 1)] * 5
     assert sorted({s.sample for s in steps}) == [0, 1, 2, 3]
@@ -223,14 +222,10 @@ def test_default_model_greedy_equals_hf_generate(default_lm):
 
 @pytest.mark.integration
 def test_default_model_greedy_equals_hf_generate_on_the_packed_weights(default_lm):
-    """As a chat, a server or the bench decodes once the engine has packed the weights (nexttok.packed)."""
-    from nexttok.engine import Decoder
-
+    """As a chat, a server or the bench decodes once the engine has packed the weights (nexttok.cpu.packed)."""
     assert default_lm.weights.pack() is not None
     try:
-        decoder = Decoder(default_lm)
-        decoder.prefill([1, 2, 3])
-        assert decoder.kernel.tiles.any()  # the step reads the packed copy
+        assert CompiledDecoder(default_lm).arrays.weights.tiles.qkv.all()  # the step reads the packed copy
         ids = default_lm.encode("Once upon a time, in a small village,")
         steps = list(generate(default_lm, ids, greedy(48)))
         hf = default_lm.model.generate(torch.tensor([ids]), max_new_tokens=48, min_new_tokens=48, do_sample=False)
@@ -273,7 +268,7 @@ def test_the_kv_cache_goes_in_under_the_name_the_model_takes():
     """transformers 5.x renamed past_key_values to cache; a wrong name would be swallowed by **kwargs."""
     from transformers import LlamaForCausalLM
 
-    from nexttok.engine import cache_argument
+    from nexttok.torchdecode import cache_argument
 
     class Older(torch.nn.Module):
         def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs): ...
@@ -355,13 +350,13 @@ def test_streaming_decodes_a_window_per_token_not_the_whole_sample(tok):
 def test_the_decoder_choice_says_which_decoder_runs_and_why(tiny_lm, monkeypatch):
     from types import SimpleNamespace
 
-    from nexttok.engine import decoder_choice
+    from nexttok.decoders import decoder_choice
 
     assert decoder_choice(tiny_lm) == (True, "compiled CPU decoder: a LlamaForCausalLM in float32 on the CPU")
     monkeypatch.setenv("NEXTTOK_NUMBA", "0")
     compiled, why = decoder_choice(tiny_lm)
     assert not compiled and why == "torch decoder: NEXTTOK_NUMBA=0 turns the compiled decoder off"
-    assert Decoder(tiny_lm).reason == why
+    assert make_decoder(tiny_lm).reason == why
     monkeypatch.delenv("NEXTTOK_NUMBA")
     gpt2 = SimpleNamespace(model=tiny_gpt2())
     compiled, why = decoder_choice(gpt2)

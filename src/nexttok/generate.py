@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from nexttok.engine import Decoder, Lookahead, Scores
+from nexttok.decode import Lookahead, Scores, check_rows
+from nexttok.decoders import make_decoder
 from nexttok.errors import NexttokError
 from nexttok.lm import LM
 from nexttok.processors import StageRecord, apply, build_processors
@@ -193,6 +194,31 @@ def _describe_summary(logits, scores, chosen: int, summary) -> dict[str, list]:
     }  # fmt: skip
 
 
+# Rows the stages, the draw and the statistics take at once: their vocabulary-sized temporaries are this
+# many rows whatever the number of samples (decode.VOCAB_BUFFERS counts on it).
+GROUP = 64
+
+
+def _pick(scores: Scores, context: torch.Tensor, stages: list, generators, trace: bool, top: int):
+    """distribution -> stages -> sample for every row, GROUP rows at a time: the chosen tokens (B,), their
+    statistics and the stage records."""
+    rows = context.shape[0]
+    if rows <= GROUP:
+        processed, records = apply(stages, context, scores.logits, trace)
+        chosen = _choose(scores, processed, generators)
+        return chosen, _describe(scores, processed, chosen, top), records
+    chosen, info, records = [], {}, []
+    for lo in range(0, rows, GROUP):
+        part = Scores(scores.logits[lo : lo + GROUP])
+        group = None if generators is None else generators[lo : lo + GROUP]
+        c, i, r = _pick(part, context[lo : lo + GROUP], stages, group, trace, top)
+        chosen.append(c)
+        records += r
+        for key, values in i.items():
+            info.setdefault(key, []).extend(values)
+    return torch.cat(chosen), info, records
+
+
 def _finish(row: _Row, token: int, eos: set[int], last: bool) -> tuple[str, str | None]:
     """Feed one token to a sample's text; return the text to print and why the sample ends (or None)."""
     if token in eos:
@@ -205,22 +231,22 @@ def _finish(row: _Row, token: int, eos: set[int], last: bool) -> tuple[str, str 
     return delta, None
 
 
-def _step_records(lm: LM, rows: list[_Row], chosen: list[int], info: dict, ctx: dict) -> Iterator[Step]:
-    """The Step of each still-running sample at one position; marks the samples that finish."""
-    for i, row in enumerate(rows):
-        if row.done:
-            continue
-        delta, reason = _finish(row, chosen[i], ctx["eos"], ctx["last"])
+def _step_records(lm: LM, rows: list[_Row], live: list[int], chosen: list[int], info: dict, ctx: dict):
+    """The Step of each running sample (``live``: their indices, in the batch's order) at one position;
+    marks the samples that finish."""
+    for j, i in enumerate(live):
+        row = rows[i]
+        delta, reason = _finish(row, chosen[j], ctx["eos"], ctx["last"])
         row.done = reason is not None
         alts = [
             Alternative(a, lm.token_text(a), math.exp(lp))
-            for a, lp in zip(info["alt_ids"][i], info["alt_lp"][i], strict=True)
+            for a, lp in zip(info["alt_ids"][j], info["alt_lp"][j], strict=True)
         ]
         yield Step(
-            sample=i, index=ctx["index"], position=ctx["position"], id=chosen[i], text=lm.token_text(chosen[i]),
-            delta=delta, prob=math.exp(info["logprob"][i]), logprob=info["logprob"][i], rank=info["rank"][i],
-            entropy=info["entropy"][i], sampled_prob=info["sampled"][i], alternatives=alts, seed=row.seed,
-            stages=ctx["records"][i] if ctx["records"] else None, finish_reason=reason,
+            sample=i, index=ctx["index"], position=ctx["position"], id=chosen[j], text=lm.token_text(chosen[j]),
+            delta=delta, prob=math.exp(info["logprob"][j]), logprob=info["logprob"][j], rank=info["rank"][j],
+            entropy=info["entropy"][j], sampled_prob=info["sampled"][j], alternatives=alts, seed=row.seed,
+            stages=ctx["records"][j] if ctx["records"] else None, finish_reason=reason,
         )  # fmt: skip
 
 
@@ -263,6 +289,7 @@ def generate(
         raise NexttokError(f"num_samples must be at least 1 (got {num_samples})", param="num_samples")
     ids = lm.encode(prompt, chat=chat) if isinstance(prompt, str) else list(prompt)
     check_context(lm, len(ids), config.max_new_tokens)
+    check_rows(lm, num_samples, len(ids) + config.max_new_tokens)
     stages = build_processors(config, resolve_bias(lm, config.logit_bias))
     seeds = _seeds(config, num_samples)
     rows = [_Row(_Text(lm, config.stop), seed) for seed in seeds]
@@ -274,23 +301,24 @@ def _loop(
     lm: LM, ids: list[int], config: SamplingConfig, stages: list, rows: list[_Row], trace: bool, top: int
 ) -> Iterator[Step]:
     """Prefill, then per position: the distribution -> stages -> sample -> Steps -> append the chosen tokens."""
-    n = len(rows)
     generators = None if config.greedy else make_generators([r.seed for r in rows])
     eos = set() if config.ignore_eos else eos_ids(lm)
-    decoder = Decoder(lm)
-    context = torch.tensor([ids]).expand(n, -1)  # (B, T): what the penalties look at
+    decoder = make_decoder(lm)
+    live = list(range(len(rows)))  # the samples still running: the decoder's batch, in order
+    context = torch.tensor([ids]).expand(len(rows), -1)  # (B, T): what the penalties look at
     # Greedy with no stage: every token will be the argmax, which a decoder may compute steps ahead.
     ahead = Lookahead(config.max_new_tokens - 1, eos) if generators is None and not stages and not trace else None
-    scores = decoder.start(ids, n, top, ahead)  # (B, V) logits of the first new position
+    scores = decoder.start(ids, len(rows), top, ahead, reserve=config.max_new_tokens)  # (B, V) first logits
     for index in range(config.max_new_tokens):
-        processed, records = apply(stages, context, scores.logits, trace)
-        chosen = _choose(scores, processed, generators)  # (B,)
-        info = _describe(scores, processed, chosen, top)
+        chosen, info, records = _pick(scores, context, stages, generators, trace, top)  # (B,)
         ctx = {"index": index, "position": len(ids) + index, "eos": eos, "records": records}
         ctx["last"] = index + 1 == config.max_new_tokens
-        yield from _step_records(lm, rows, chosen.tolist(), info, ctx)
-        if all(r.done for r in rows):
+        yield from _step_records(lm, rows, live, chosen.tolist(), info, ctx)
+        keep = [j for j, i in enumerate(live) if not rows[i].done]  # finished samples leave the batch
+        if not keep:
             return
-        if stages:
-            context = torch.cat([context, chosen[:, None]], dim=1)  # (B, T + 1)
-        scores = decoder.next(chosen)
+        live = [live[j] for j in keep]
+        generators = None if generators is None else [generators[j] for j in keep]
+        # (B', T + 1): what the penalties look at; with no stage, only its row count is read
+        context = torch.cat([context[keep], chosen[keep, None]], dim=1) if stages else context[: len(keep)]
+        scores = decoder.next(chosen, keep)

@@ -145,7 +145,7 @@ class LM:
         return float(logprobs.gather(1, torch.tensor(continuation, device=logprobs.device).unsqueeze(1)).sum())
 
     def _fast(self) -> PreTrainedModel:
-        """The model with faster kernels per call shape on the CPU (:func:`nexttok.engine.inference_copy`)."""
+        """The model with faster kernels per call shape on the CPU (:func:`nexttok.torchdecode.inference_copy`)."""
         return self.weights.inference_model() if self.model.device.type == "cpu" else self.model
 
     def distribution(self, prompt: str | list[int], chat: bool = False, temperature: float = 1.0) -> Distribution:

@@ -7,16 +7,15 @@ loaded itself (``owns_model``) may have its parameters moved onto huge pages.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 from torch import nn
 
-from nexttok import hugepages
-from nexttok import packed as packing
+from nexttok.cpu import hugepages, settings
+from nexttok.cpu import packed as packing
 
 if TYPE_CHECKING:
-    from nexttok.packed import Packed
+    from nexttok.cpu.packed import Packed
 
 # The compiled decoder moves the model's weights onto huge pages in reading order (hugepages.py) and makes
 # their packed copy (packed.py) once this cache's model has decoded this many tokens: the move costs ~1 s
@@ -36,7 +35,7 @@ def weights_version(model: nn.Module) -> tuple[int, ...]:
 
 
 class WeightCache:
-    """One model's speed copies: the inference copy (:func:`nexttok.engine.inference_copy`), the packed
+    """One model's speed copies: the inference copy (:func:`nexttok.torchdecode.inference_copy`), the packed
     tiles of the compiled decoder (:mod:`nexttok.packed`), and the count of decoded tokens that decides
     when to make them. Each copy is rebuilt when the model's weights change (after training)."""
 
@@ -50,7 +49,7 @@ class WeightCache:
 
     def inference_model(self) -> nn.Module:
         """The model's inference copy: the same parameters, linear layers that pick a kernel per call shape."""
-        from nexttok.engine import inference_copy
+        from nexttok.torchdecode import inference_copy
 
         version = weights_version(self.model)
         if self._inference is None or self._inference[0] != version:
@@ -66,7 +65,7 @@ class WeightCache:
 
     def pack(self) -> Packed | None:
         """Make (once) and return the packed copy; None when memory has no room (``NEXTTOK_PACKED=0``: never)."""
-        if self.packed() is None and os.environ.get("NEXTTOK_PACKED", "1") != "0":
+        if self.packed() is None and settings.on("NEXTTOK_PACKED"):
             self._packed = packing.pack(self.model, weights_version(self.model))
         return self._packed
 

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from nexttok.cli.app import app
 from nexttok.cli.common import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, console, load_lm, read_prompt
+from nexttok.decoders import decoder_choice
 from nexttok.distribution import show_token
-from nexttok.engine import decoder_choice
 from nexttok.errors import NexttokError
 from nexttok.generate import Step, generate, stage_records
 from nexttok.processors import StageRecord

@@ -5,7 +5,7 @@ Why: a decode step's matrix-vector products read each weight once per token. Row
 measured those loads hold the core's load queue while the weights are on their way from memory: a 2 GiB
 matrix streamed at 0.90-0.96 of torch's sum of the same buffer. Stored in tiles of ``TILE`` output rows,
 column by column (tile b holds ``W[b*TILE:(b+1)*TILE, :].T``, contiguous), one input value, broadcast,
-meets ``TILE`` weights in registers, and the same matrix streams at 0.98-1.03 (``kernels._tile_dot``).
+meets ``TILE`` weights in registers, and the same matrix streams at 0.98-1.03 (``intrinsics.tile_dot``).
 
 The copy costs the model's size again in memory, so it is made only where a run is long enough to gain
 from it (the engine makes it with the move onto huge pages, ``weights.RELAYOUT_AFTER``) and where the
@@ -18,13 +18,13 @@ stale: the cache then drops it, and it is never read.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from nexttok.hugepages import HUGE, huge_tensor
+from nexttok.cpu.hugepages import HUGE, huge_tensor
+from nexttok.memory import available_bytes
 
 TILE = 32  # output rows per tile: 4 AVX2 vectors (or 2 AVX-512 ones) of accumulators
 QKV, O_PROJ, GATE_UP, DOWN = range(4)  # columns of Packed.layers
@@ -46,7 +46,7 @@ def pack(model: torch.nn.Module, version: tuple) -> Packed | None:
     matrices = _matrices(model)
     every = [w for qkv, o, gate_up, down in matrices for w in (qkv, o, *gate_up, down)] + [model.lm_head.weight]
     size = sum(_tiles_bytes(w) for w in every)
-    free = _available_bytes()
+    free = available_bytes()
     if free is None or 2 * size > free:
         return None
     arena = huge_tensor(torch.empty(size // 4, device="meta"), -(-size // HUGE) * HUGE)
@@ -90,18 +90,3 @@ def _write_tiles(flat: torch.Tensor, at: int, group: list[torch.Tensor]) -> int:
             dest[full, j].zero_()
             dest[full, j, :, : out - full * TILE].copy_(w[full * TILE :].t())
     return at + n
-
-
-def _available_bytes() -> int | None:
-    """Memory available to this process now (Linux's MemAvailable, else free pages); None if unknown."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nexttok.hugepages import HUGE, move_to_hugepages
+from nexttok.cpu.hugepages import HUGE, move_to_hugepages
 from nexttok.weights import WeightCache
 
 pytestmark = pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE"), reason="no MADV_HUGEPAGE on this platform")
@@ -109,16 +109,17 @@ def test_decoding_moves_the_weights_after_enough_kernel_steps(setting, batch, mo
     logits still equal the model's own forward pass."""
     from types import SimpleNamespace
 
-    from nexttok import engine, weights
+    from nexttok import weights
+    from nexttok.cpu.decoder import CompiledDecoder
 
     monkeypatch.setenv("NEXTTOK_HUGEPAGES", setting)
     monkeypatch.setenv("NEXTTOK_PACKED", "0")  # the packed copy would not see the in-place update (test_packed.py)
     monkeypatch.setattr(weights, "RELAYOUT_AFTER", 3)
     model = model_with_a_large_embedding()
     cache = WeightCache(model, owns_model=True)  # as nexttok.load() makes it: the model may move
-    ours, seq = engine.Decoder(SimpleNamespace(model=model, weights=cache)), [4, 8]
-    ours.prefill(seq, batch)
-    assert (ours.kernel if batch == 1 else ours.samples) is not None
+    ours, seq = CompiledDecoder(SimpleNamespace(model=model, weights=cache)), [4, 8]
+    first, _ = ours.add(seq)
+    rows = [first, *ours.fork(first, batch - 1)]
     for i, token in enumerate([5, 17, 300, 2, 9]):
         on_huge = model.model.embed_tokens.weight.data_ptr() % HUGE == 0
         assert on_huge == (setting == "1" and i >= 3)  # moved during the third step
@@ -128,5 +129,5 @@ def test_decoding_moves_the_weights_after_enough_kernel_steps(setting, batch, mo
         seq.append(token)
         with torch.no_grad():
             reference = model(torch.tensor([seq])).logits[:, -1]
-        logits = ours.step(torch.tensor([token] * batch))  # (batch, V)
+        logits = ours.step(rows, [token] * batch)  # (batch, V)
         torch.testing.assert_close(logits, reference.expand(batch, -1), atol=1e-4, rtol=1e-4)

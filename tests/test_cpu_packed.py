@@ -1,5 +1,5 @@
-"""The decode's packed copy of the weights (nexttok.packed): tiles that hold each matrix's rows transposed, a
-kernel that reads them with the same logits as the model's forward pass, made mid-run by the engine, and
+"""The decode's packed copy of the weights (nexttok.cpu.packed): tiles that hold each matrix's rows transposed, a
+kernel that reads them with the same logits as the model's forward pass, made mid-run by the decoder, and
 never read once the weights have changed."""
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from test_kernels import run_kernel, tiny
+from test_cpu_decoder import run_kernel, tiny
 
-from nexttok import engine, kernels, packed, weights
-from nexttok.packed import TILE
+from nexttok import weights
+from nexttok.cpu import intrinsics, packed
+from nexttok.cpu.decoder import CompiledDecoder
+from nexttok.cpu.packed import TILE
 from nexttok.weights import WeightCache
 
 
@@ -62,7 +64,8 @@ def test_the_kernel_reads_the_packed_copy_with_the_model_forward_logits(kind):
     rows = run_kernel(model, ids, 10)
     cache = WeightCache(model)
     assert cache.pack() is not None
-    assert kernels.DecodeKernel(model, weights=cache).tiles.all(axis=1)[:-1].all()  # every layer's four, packed
+    tiles = CompiledDecoder(SimpleNamespace(model=model, weights=cache)).arrays.weights.tiles
+    assert all(column.all() for column in tiles)  # every layer's four, packed
     for (logits, seq), (by_rows, _) in zip(run_kernel(model, ids, 10, weights=cache), rows, strict=True):
         with torch.inference_mode():
             reference = model(torch.tensor([seq])).logits[0, -1]
@@ -76,8 +79,8 @@ def test_a_copy_of_weights_that_changed_is_dropped_and_never_read():
     assert cache.pack() is not None
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # in place, as an optimizer step
-    kernel = kernels.DecodeKernel(model, weights=cache)
-    assert not kernel.tiles.any() and cache._packed is None  # its memory is freed
+    tiles = CompiledDecoder(SimpleNamespace(model=model, weights=cache)).arrays.weights.tiles
+    assert not any(column.any() for column in tiles) and cache._packed is None  # its memory is freed
     (logits, seq), *_ = run_kernel(model, [3, 1, 4], 0, weights=cache)
     with torch.inference_mode():
         torch.testing.assert_close(logits, model(torch.tensor([seq])).logits[0, -1], atol=1e-4, rtol=1e-4)
@@ -87,9 +90,9 @@ def test_a_copy_of_weights_that_changed_is_dropped_and_never_read():
 def test_no_copy_without_the_memory_for_it_or_when_turned_off(monkeypatch):
     model = odd_sizes()
     size = sum(p.numel() * 4 for p in model.parameters())
-    monkeypatch.setattr(packed, "_available_bytes", lambda: size)  # room for one copy, not for twice that
+    monkeypatch.setattr(packed, "available_bytes", lambda: size)  # room for one copy, not for twice that
     assert WeightCache(model).pack() is None
-    monkeypatch.setattr(packed, "_available_bytes", lambda: None)  # unknown: no copy either
+    monkeypatch.setattr(packed, "available_bytes", lambda: None)  # unknown: no copy either
     assert WeightCache(model).pack() is None
     monkeypatch.undo()
     monkeypatch.setenv("NEXTTOK_PACKED", "0")
@@ -114,7 +117,7 @@ def test_a_tile_dot_sums_every_row_of_its_tile(n):
 
     @njit
     def call(tile, x, out):
-        kernels._tile_dot(tile.ctypes.data, x.ctypes.data, x.shape[0], out.ctypes.data)
+        intrinsics.tile_dot(tile.ctypes.data, x.ctypes.data, x.shape[0], out.ctypes.data)
 
     rng = np.random.default_rng(n)
     tile, x = rng.standard_normal((n, TILE), np.float32), rng.standard_normal(n, np.float32)
@@ -123,18 +126,18 @@ def test_a_tile_dot_sums_every_row_of_its_tile(n):
     np.testing.assert_allclose(out, x.astype(np.float64) @ tile.astype(np.float64), rtol=1e-5, atol=1e-5)
 
 
-def test_the_engine_packs_the_weights_mid_run_and_the_kernel_reads_them(monkeypatch):
-    """At the RELAYOUT_AFTER-th kernel step the engine makes the packed copy and the running kernel reads
+def test_the_decoder_packs_the_weights_mid_run_and_reads_them(monkeypatch):
+    """At the RELAYOUT_AFTER-th kernel step the decoder makes the packed copy and reads
     it from the next step on; the logits still equal the model's forward pass."""
     monkeypatch.setattr(weights, "RELAYOUT_AFTER", 3)
     model = odd_sizes()
     cache = WeightCache(model)
-    ours, seq = engine.Decoder(SimpleNamespace(model=model, weights=cache)), [4, 8]
-    ours.prefill(seq)
+    ours, seq = CompiledDecoder(SimpleNamespace(model=model, weights=cache)), [4, 8]
+    row, _ = ours.add(seq)
     for i, token in enumerate([5, 17, 30, 2, 9]):
-        assert bool(ours.kernel.tiles.any()) == (i >= 3)  # packed during the third step
+        assert bool(ours.arrays.weights.tiles.qkv.any()) == (i >= 3)  # packed during the third step
         seq.append(token)
         with torch.no_grad():
             reference = model(torch.tensor([seq])).logits[:, -1]
-        torch.testing.assert_close(ours.step(torch.tensor([token])), reference, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.step([row], [token]), reference, atol=1e-4, rtol=1e-4)
     assert cache.packed() is not None

@@ -1,15 +1,21 @@
-"""The compiled one-sample decode step: the same logits as the HF model's forward, for each architecture it covers."""
+"""The compiled CPU decoder (nexttok.cpu): the same logits as the HF model's forward, for each architecture it
+covers, for one row, N rows and a prompt's blocks; and its primitives against float64."""
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from nexttok import kernels
-from nexttok.engine import Decoder
+from nexttok.cpu import model as cpu_model
+from nexttok.cpu import primitives, schedule, walk
+from nexttok.cpu.buffers import BLOCK
+from nexttok.cpu.decoder import CompiledDecoder
+from nexttok.torchdecode import TorchDecoder
+from nexttok.weights import WeightCache
 
 SMALL = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 ROPE_LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0}
@@ -32,15 +38,20 @@ def tiny(kind: str) -> torch.nn.Module:
     return tf.LlamaForCausalLM(tf.LlamaConfig(**SMALL, num_key_value_heads=2, tie_word_embeddings=True)).eval()
 
 
-def run_kernel(model, ids: list[int], steps: int, capacity: int = 256, weights=None) -> list[tuple]:
-    """(kernel logits, the sequence they follow) for the kernel's prefill of ``ids`` and ``steps`` greedy steps;
-    ``weights``: the weight cache whose packed copy it reads, if any."""
-    kernel = kernels.DecodeKernel(model, capacity=capacity, weights=weights)
-    logits = kernel.prefill(ids)[0]
+def lm_of(model, weights=None):
+    """What a decoder needs of an LM: the model and its weight cache."""
+    return SimpleNamespace(model=model, weights=weights or WeightCache(model))
+
+
+def run_kernel(model, ids: list[int], steps: int, weights=None) -> list[tuple]:
+    """(logits, the sequence they follow) for the compiled decoder's prefill of ``ids`` and ``steps`` greedy
+    steps; ``weights``: the weight cache whose packed copy it reads, if any."""
+    decoder = CompiledDecoder(lm_of(model, weights))
+    row, logits = decoder.add(ids)
     seq, out = list(ids), [(logits, list(ids))]
     for _ in range(steps):
         seq.append(int(logits.argmax()))
-        logits = kernel.step(seq[-1])[0]
+        logits = decoder.step([row], [seq[-1]])[0]
         out.append((logits, list(seq)))
     return out
 
@@ -48,34 +59,37 @@ def run_kernel(model, ids: list[int], steps: int, capacity: int = 256, weights=N
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "llama-bias-llama3-rope"])
 def test_kernel_logits_equal_the_model_forward(kind):
     model = tiny(kind)
-    assert kernels.unsupported(model) is None
+    assert cpu_model.unsupported(model) is None
     ids = torch.randint(0, 97, (9,), generator=torch.Generator().manual_seed(1)).tolist()
-    for logits, seq in run_kernel(model, ids, 12, capacity=len(ids) + 3):  # the cache grows twice on the way
+    for logits, seq in run_kernel(model, ids, 12):  # the slots grow on the way
         with torch.inference_mode():
             reference = model(torch.tensor([seq])).logits[0, -1]
         torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-@pytest.mark.parametrize("length", [1, 6, 2 * kernels._BLOCK + 7])
+@pytest.mark.parametrize("length", [1, 6, 2 * BLOCK + 7])
 def test_kernel_prefill_equals_the_model_forward_and_its_cache(kind, length):
     """The prefill's logits and the keys and values it stores equal the HF forward pass's, for a prompt of
     one position, of a few (not a multiple of the 4-position tile), and of several blocks (the last one
     partial, the cache growing on the way); the step after it continues from them."""
     model = tiny(kind)
     ids = torch.randint(0, 97, (length,), generator=torch.Generator().manual_seed(length)).tolist()
-    kernel = kernels.DecodeKernel(model, capacity=8)
-    logits = kernel.prefill(ids)[0]
+    kernel = CompiledDecoder(lm_of(model))
+    kernel.PREFILL_MAX = 1000  # every length through the walk's blocks
+    row, logits = kernel.add(ids)
+    slot = kernel.rows[row]
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         reference = model(torch.tensor([ids]), cache=cache, use_cache=True).logits[0, -1]
         after = model(torch.tensor([ids + [5]])).logits[0, -1]
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
-    assert kernel.length == length and kernel.summary(3).argmax == int(reference.argmax())
+    assert kernel.slots.length[slot] == length and kernel.summary(3).argmax == int(reference.argmax())
+    k, v = kernel.slots.k[slot], kernel.slots.v[slot]
     for i, layer in enumerate(cache.layers):  # (1, nkv, T, hd)
-        torch.testing.assert_close(torch.from_numpy(kernel.kc[i, :, :length]), layer.keys[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(torch.from_numpy(kernel.vc[i, :, :length]), layer.values[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(kernel.step(5)[0], after, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(k[i, :, :length]), layer.keys[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(v[i, :, :length]), layer.values[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernel.step([row], [5])[0], after, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -95,13 +109,13 @@ def test_models_it_does_not_cover_are_named_and_use_the_torch_path(tiny_lm):
     import transformers as tf
 
     gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    assert kernels.unsupported(gpt2) == "architecture GPT2LMHeadModel"
-    assert "bfloat16" in kernels.unsupported(tiny("llama").to(torch.bfloat16))
+    assert cpu_model.unsupported(gpt2) == "architecture GPT2LMHeadModel"
+    assert "bfloat16" in cpu_model.unsupported(tiny("llama").to(torch.bfloat16))
     windowed = tf.MistralForCausalLM(tf.MistralConfig(**SMALL, num_key_value_heads=1, sliding_window=16))
-    assert kernels.unsupported(windowed) == "sliding-window attention"
+    assert cpu_model.unsupported(windowed) == "sliding-window attention"
     adapted = tiny("llama")
     adapted.model.layers[0].mlp.up_proj = torch.nn.Sequential(adapted.model.layers[0].mlp.up_proj)
-    assert "nn.Linear" in kernels.unsupported(adapted)
+    assert "nn.Linear" in cpu_model.unsupported(adapted)
 
 
 @pytest.mark.parametrize("longest", [100, 4])
@@ -109,43 +123,34 @@ def test_decoder_prefills_short_prompts_in_the_kernel_and_long_ones_through_hf(t
     """A prompt up to PREFILL_MAX tokens is read by the kernel (the HF cache stays empty); a longer one by
     the HF model, whose keys and values the kernel takes over. Either way the steps after equal the
     model's forward pass over the whole sequence."""
-    monkeypatch.setattr(kernels.DecodeKernel, "PREFILL_MAX", longest)
+    monkeypatch.setattr(CompiledDecoder, "PREFILL_MAX", longest)
     ids = tiny_lm.encode("To be, or not to be")
     assert 4 < len(ids) < 100
-    decoder = Decoder(tiny_lm)
-    logits = decoder.prefill(ids)
-    assert decoder.cache.get_seq_length() == (0 if longest == 100 else len(ids))
-    assert decoder.kernel.length == len(ids) and decoder.forward_calls == 1
+    decoder = CompiledDecoder(tiny_lm)
+    row, logits = decoder.add(ids)
+    assert decoder.torch.forward_calls == (0 if longest == 100 else 1)  # the HF model read it, or not
+    assert decoder.slots.length[decoder.rows[row]] == len(ids) and decoder.forward_calls == 1
     sequence = list(ids)
     for token in (3, 8):
         with torch.inference_mode():
-            reference = tiny_lm.model(torch.tensor([sequence])).logits[:, -1]
-        torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+            reference = tiny_lm.model(torch.tensor([sequence])).logits[0, -1]
+        torch.testing.assert_close(logits.view(-1), reference, atol=1e-4, rtol=1e-4)
         sequence.append(token)
-        logits = decoder.step(torch.tensor([token]))
+        logits = decoder.step([row], [token])
 
 
-@pytest.mark.parametrize(
-    "longest", [100, 4]
-)  # the prompt read by the kernel, or by the HF model (its cache taken over)
-def test_decoder_runs_one_sample_and_n_samples_in_the_kernel(tiny_lm, monkeypatch, longest):
-    monkeypatch.setattr(kernels.DecodeKernel, "PREFILL_MAX", longest)
+@pytest.mark.parametrize("longest", [100, 4])  # the prompt read by the walk, or by the HF model (its cache taken over)
+def test_one_row_and_forked_rows_equal_the_torch_decoder(tiny_lm, monkeypatch, longest):
+    monkeypatch.setattr(CompiledDecoder, "PREFILL_MAX", longest)
     ids = tiny_lm.encode("To be, or not to be")
-    one, many = Decoder(tiny_lm), Decoder(tiny_lm)
-    one.prefill(ids)
-    many.prefill(ids, batch=3)
-    assert isinstance(one.kernel, kernels.DecodeKernel) and one.samples is None
-    assert isinstance(many.samples, kernels.SamplesKernel) and many.kernel is None  # no one-sample shortcuts
-    monkeypatch.setenv("NEXTTOK_NUMBA", "0")  # the documented way to turn it off
-    off, off_many = Decoder(tiny_lm), Decoder(tiny_lm)
-    off.prefill(ids)
-    off_many.prefill(ids, batch=3)
-    assert off.kernel is None and off_many.samples is None
-    token, tokens = torch.tensor([3]), torch.tensor([3, 8, 1])
-    torch.testing.assert_close(one.step(token), off.step(token), atol=1e-4, rtol=1e-4)
+    ours, theirs = CompiledDecoder(tiny_lm), TorchDecoder(tiny_lm)
+    (a, _), (b, _) = ours.add(ids), theirs.add(ids)
+    torch.testing.assert_close(ours.step([a], [3]), theirs.step([b], [3]), atol=1e-4, rtol=1e-4)
+    rows_a, rows_b = [a, *ours.fork(a, 2)], [b, *theirs.fork(b, 2)]
+    tokens = [3, 8, 1]
     for _ in range(2):
-        torch.testing.assert_close(many.step(tokens), off_many.step(tokens), atol=1e-4, rtol=1e-4)
-        tokens = tokens + 1
+        torch.testing.assert_close(ours.step(rows_a, tokens), theirs.step(rows_b, tokens), atol=1e-4, rtol=1e-4)
+        tokens = [t + 1 for t in tokens]
 
 
 def test_the_kernel_keeps_torch_thread_count(tiny_model_dir):
@@ -158,7 +163,7 @@ def test_the_kernel_keeps_torch_thread_count(tiny_model_dir):
         "from nexttok.generate import generate; from nexttok.sampling import SamplingConfig\n"
         "lm = nexttok.load(sys.argv[1], threads=1)\n"
         "steps = list(generate(lm, 'To be', SamplingConfig(temperature=0, max_new_tokens=3, ignore_eos=True)))\n"
-        "from nexttok import engine; d = engine.Decoder(lm); d.prefill([5, 6]); assert d.kernel is not None\n"
+        "from nexttok.cpu.decoder import CompiledDecoder; CompiledDecoder(lm).add([5, 6])\n"
         "print(torch.get_num_threads(), len(steps))"
     )
     out = subprocess.run([sys.executable, "-c", code, str(tiny_model_dir)], capture_output=True, text=True, check=True)
@@ -173,13 +178,13 @@ def test_summary_equals_torch_over_several_chunks_and_ties():
 
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(**(SMALL | {"vocab_size": 1000}), num_key_value_heads=2)).eval()
-    kernel = kernels.DecodeKernel(model)
-    kernel.prefill([5, 9, 2])
+    kernel = CompiledDecoder(lm_of(model))
+    row, _ = kernel.add([5, 9, 2])
     for token in (4, 17, 900):
         if token == 900:
             with torch.no_grad():
                 model.model.norm.weight.zero_()
-        logits = kernel.step(token)[0].double()
+        logits = kernel.step([row], [token])[0].double()
         s = kernel.summary(5)
         logp = torch.log_softmax(logits, -1)
         assert s.argmax == int(logits.argmax())  # the first of equal maxima, as torch's
@@ -218,20 +223,19 @@ def test_steps_from_the_kernel_equal_the_torch_path(tiny_lm, monkeypatch):
 def test_greedy_runs_ahead_in_one_kernel_call_and_stops_at_eos(tiny_lm, monkeypatch):
     """Greedy without stages runs up to AHEAD kernel steps per call (never past max_new_tokens), and a
     call ends at an end-of-turn token: no step is run after it."""
-    from nexttok import kernels
-    from nexttok.engine import AHEAD as _AHEAD
+    from nexttok.cpu.decoder import AHEAD as _AHEAD
     from nexttok.generate import eos_ids, generate
     from nexttok.sampling import SamplingConfig
 
     calls: list[tuple[int, int]] = []  # (steps asked, steps run)
-    greedy = kernels.DecodeKernel.greedy
+    greedy = CompiledDecoder.greedy
 
     def recording(self, token, n, top, stop=()):
         out = greedy(self, token, n, top, stop)
         calls.append((n, len(out)))
         return out
 
-    monkeypatch.setattr(kernels.DecodeKernel, "greedy", recording)
+    monkeypatch.setattr(CompiledDecoder, "greedy", recording)
     ids = tiny_lm.encode("To be, or not to be")
     new = _AHEAD + 4
     steps = list(generate(tiny_lm, ids, SamplingConfig(temperature=0, max_new_tokens=new, ignore_eos=True)))
@@ -260,7 +264,7 @@ def test_silu_with_its_own_exp_equals_torch_over_the_whole_float_range():
         e, bits = np.empty(32, np.float32), np.empty(32, np.int32)
         for s in range(0, g.shape[0], 32):
             n = min(32, g.shape[0] - s)
-            kernels._silu_mul(n, g[s : s + n], u[s : s + n], e, bits, out, s)
+            primitives.silu_mul(n, g[s : s + n], u[s : s + n], e, bits, out, s)
 
     out = np.empty_like(g)
     run(g, u, out)
@@ -280,7 +284,7 @@ def test_softmax_exp_equals_torch_within_an_ulp_and_is_clamped_below():
     v = np.concatenate([np.arange(-102400, 1) / 1024, [0.0, -86.9, -87.0, -87.1, -300.0]]).astype(np.float32)
     top = np.float32(2.0)
     out = v + top  # exp(out - top): the shift is part of what is tested
-    kernels._exp_shifted(out.shape[0], out, top, np.empty_like(v), np.empty(v.shape[0], np.int32))
+    primitives.exp_shifted(out.shape[0], out, top, np.empty_like(v), np.empty(v.shape[0], np.int32))
     exact = torch.from_numpy(v).double().exp()
     error = (torch.from_numpy(out).double() - exact).abs()
     torch_fp32 = torch.from_numpy(v).exp().double()
@@ -289,7 +293,7 @@ def test_softmax_exp_equals_torch_within_an_ulp_and_is_clamped_below():
     assert out[-1] < 2e-38 and out[-5] == 1.0
 
 
-@pytest.mark.parametrize("dot", ["_dot_paced", "_dot_plain"])
+@pytest.mark.parametrize("dot", ["dot_paced", "dot_plain"])
 @pytest.mark.parametrize("length", [1, 63, 64, 65, 130, 576, 1536])
 def test_dot_covers_every_column(length, dot):
     import numpy as np
@@ -299,12 +303,12 @@ def test_dot_covers_every_column(length, dot):
     w = np.random.default_rng(length).standard_normal((3, length)).astype(np.float32)
     x = np.random.default_rng(length + 1).standard_normal(length).astype(np.float32)
     exact = w.astype(np.float64) @ x.astype(np.float64)
-    got = np.array([getattr(kernels, dot)(w, i, x) for i in range(3)])
+    got = np.array([getattr(primitives, dot)(w, i, x) for i in range(3)])
     scale = np.abs(w).astype(np.float64) @ np.abs(x).astype(np.float64)
     assert np.all(np.abs(got - exact) <= 1e-6 * scale)
 
 
-@pytest.mark.parametrize("tile, rows", [("_tile4", 4), ("_tile2", 2)])
+@pytest.mark.parametrize("tile, rows", [("tile4", 4), ("tile2", 2)])
 def test_a_prefill_tile_computes_its_rows_times_4_positions(tile, rows):
     import numpy as np
 
@@ -312,7 +316,7 @@ def test_a_prefill_tile_computes_its_rows_times_4_positions(tile, rows):
     rng = np.random.default_rng(rows)
     w, x = rng.standard_normal((8, 130)).astype(np.float32), rng.standard_normal((8, 130)).astype(np.float32)
     y = np.full((8, 16), np.nan, np.float32)
-    getattr(kernels, tile)(w, 2, x, 4, y, 3)  # rows 2.., positions 4..7, into columns 3 + 2..
+    getattr(primitives, tile)(w, 2, x, 4, y, 3)  # rows 2.., positions 4..7, into columns 3 + 2..
     exact = x[4:8].astype(np.float64) @ w[2 : 2 + rows].astype(np.float64).T  # (4, rows)
     scale = np.abs(x[4:8]).astype(np.float64) @ np.abs(w[2 : 2 + rows]).astype(np.float64).T
     assert np.all(np.abs(y[4:8, 5 : 5 + rows] - exact) <= 1e-6 * scale)
@@ -329,7 +333,7 @@ def test_the_gemm_computes_every_row_and_position_in_both_modes(p, stream):
     rng = np.random.default_rng(p)
     w, x = rng.standard_normal((9, 130)).astype(np.float32), rng.standard_normal((16, 130)).astype(np.float32)
     y = np.full((16, 12), np.nan, np.float32)
-    kernels._gemm(p, 1, 8, w, x, y, 2, stream)  # weight rows 1..7, into columns 3..9
+    primitives.gemm(p, 1, 8, w, x, y, 2, stream)  # weight rows 1..7, into columns 3..9
     exact = x[:p].astype(np.float64) @ w[1:8].astype(np.float64).T
     scale = np.abs(x[:p]).astype(np.float64) @ np.abs(w[1:8]).astype(np.float64).T
     assert np.all(np.abs(y[:p, 3:10] - exact) <= 1e-6 * scale)
@@ -339,23 +343,23 @@ def test_the_gemm_computes_every_row_and_position_in_both_modes(p, stream):
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "llama-bias-llama3-rope"])
 @pytest.mark.parametrize("n", [1, 3, 8, 9])
-def test_samples_steps_equal_the_model_forward_of_each_sample(kind, n):
-    """N samples continue one prompt, each fed its own tokens: each step's logits equal the HF forward pass
-    over that sample's whole sequence (n of 1 to 9: the rows padded to whole tiles; the caches grow)."""
+def test_forked_rows_equal_the_model_forward_of_each_sample(kind, n):
+    """N rows forked from one prompt, each fed its own tokens: each step's logits equal the HF forward pass
+    over that row's whole sequence (n of 1 to 9: the rows padded to whole tiles; the slots grow)."""
     model = tiny(kind)
     ids = [5, 7, 11, 13, 17, 2]
-    kernel = kernels.DecodeKernel(model, capacity=len(ids) + 1)
-    kernel.prefill(ids)
-    samples = kernel.samples(n)
+    decoder = CompiledDecoder(lm_of(model))
+    first, _ = decoder.add(ids, reserve=1)
+    rows = [first, *decoder.fork(first, n - 1)]
     sequences = torch.tensor([ids] * n)
     tokens = torch.randint(0, 97, (6, n), generator=torch.Generator().manual_seed(n))
-    for step in tokens:  # (n,): a different token per sample
-        logits = samples.step(step.tolist())
+    for step in tokens:  # (n,): a different token per row
+        logits = decoder.step(rows, step.tolist())
         sequences = torch.cat([sequences, step[:, None]], dim=1)
         with torch.inference_mode():
             reference = model(sequences).logits[:, -1]
         torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
-    assert samples.kc.shape[3] >= len(ids) + 6 and kernel.length == len(ids)  # grew; the prompt's kernel untouched
+    assert decoder.slots.k.shape[3] >= len(ids) + 6  # grew
 
 
 def test_the_attention_asks_for_one_line_per_position_and_loop_up_to_its_end():
@@ -363,90 +367,68 @@ def test_the_attention_asks_for_one_line_per_position_and_loop_up_to_its_end():
 
     hd, pos = 4, 3  # one key/value head, two query heads of 4 dims; 3 cached positions
     rng = np.random.default_rng(0)
-    qkv = rng.standard_normal(4 * hd).astype(np.float32)
+    qkv = rng.standard_normal((1, 4 * hd)).astype(np.float32)  # one new position
     kc, vc = rng.standard_normal((2, 1, 8, hd)).astype(np.float32)
     cos, sin = np.ones((8, hd), np.float32), np.zeros((8, hd), np.float32)
-    out = np.empty(hd, np.float32)
-    args = (0, qkv, kc, vc, cos, sin, pos, np.float32(0.5), out)
-    assert kernels._attention_head(*args, 4096, 10**9) == 4096 + 64 * 2 * pos  # hints never fault
-    first = out.copy()
-    assert kernels._attention_head(*args, 4096, 4096 + 128) == 4096 + 128  # stops at its end
-    assert kernels._attention_head(*args, 4096, 4096) == 4096
-    np.testing.assert_array_equal(out, first)  # the hints change nothing computed
+    out = np.empty((1, 2 * hd), np.float32)
+    kb, scores = np.empty((1, hd), np.float32), np.empty(pos + 1, np.float32)
+    args = (0, 1, qkv, kc, vc, cos, sin, pos, np.float32(0.5), out, kb, scores)
+    assert walk.attention(*args, 4096, 10**9) == 4096 + 64 * 2 * pos  # hints never fault
+    first = out[0, :hd].copy()
+    assert walk.attention(*args, 4096, 4096 + 128) == 4096 + 128  # stops at its end
+    assert walk.attention(*args, 4096, 4096) == 4096
+    np.testing.assert_array_equal(out[0, :hd], first)  # the hints change nothing computed
     # against the softmax computed in float64 (both heads share the one key/value head; no rotation here)
-    q, k, v = (qkv[i * hd : (i + 1) * hd].astype(np.float64) for i in (0, 2, 3))
+    q, k, v = (qkv[0, i * hd : (i + 1) * hd].astype(np.float64) for i in (0, 2, 3))
     keys, values = np.vstack([kc[0, :pos], k]), np.vstack([vc[0, :pos], v])
     p = np.exp(keys @ q * 0.5 - (keys @ q * 0.5).max())
-    np.testing.assert_allclose(out, p @ values / p.sum(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(first, p @ values / p.sum(), rtol=1e-5, atol=1e-6)
 
 
 def test_the_paced_dot_is_chosen_for_avx512_only(monkeypatch):
-    wide = kernels._wide_vectors()
-    assert (kernels._dot, kernels._tile) == (
-        (kernels._dot_paced, kernels._tile4) if wide else (kernels._dot_plain, kernels._tile2)
+    wide = primitives.wide_vectors()
+    assert (primitives.dot, primitives.tile) == (
+        (primitives.dot_paced, primitives.tile4) if wide else (primitives.dot_plain, primitives.tile2)
     )
     # NUMBA_CPU_FEATURES, when set, is what numba compiles for: the choice follows it, not this CPU
-    monkeypatch.setattr(kernels.numba.config, "CPU_FEATURES", "+avx2,+fma,+avx512f,+avx512bw")
-    assert kernels._wide_vectors()
-    monkeypatch.setattr(kernels.numba.config, "CPU_FEATURES", "+avx2,+fma,-avx512f")
-    assert not kernels._wide_vectors()
-    monkeypatch.setattr(kernels.numba.config, "CPU_FEATURES", None)
-    assert kernels._wide_vectors() == bool(kernels.llvm.get_host_cpu_features().get("avx512f", False))
+    monkeypatch.setattr(primitives.numba.config, "CPU_FEATURES", "+avx2,+fma,+avx512f,+avx512bw")
+    assert primitives.wide_vectors()
+    monkeypatch.setattr(primitives.numba.config, "CPU_FEATURES", "+avx2,+fma,-avx512f")
+    assert not primitives.wide_vectors()
+    monkeypatch.setattr(primitives.numba.config, "CPU_FEATURES", None)
+    assert primitives.wide_vectors() == bool(primitives.llvm.get_host_cpu_features().get("avx512f", False))
 
 
 def test_a_thread_prefetches_where_its_share_of_the_next_stage_begins():
     import numpy as np
 
-    # shares as _chunks hands them out: thread t of nt starts at chunk t * n // nt
-    assert kernels._share(1000, 1, 2, 18, 32 * 1536) == 1000 + 9 * 32 * 1536 * 4  # 576 rows: 18 chunks
-    assert kernels._share(1000, 2, 2, 18, 32 * 576) == 1000 + 18 * 32 * 576 * 4  # the last share ends the matrix
-    assert kernels._share(1000, 1, 2, 384, 128 * 576) == 1000 + 192 * 128 * 576 * 4
-    assert kernels._share(1000, 0, 2, 4, 32 * 64) == 1000
-    layer = np.zeros(11, np.int64)
-    layer[kernels._WQ], layer[kernels._WK], layer[kernels._WV] = 10**6, 2 * 10**6, 3 * 10**6
+    # shares as schedule.chunks hands them out: thread t of nt starts at chunk t * n // nt
+    assert schedule.share_address(1000, 1, 2, 18, 32 * 1536) == 1000 + 9 * 32 * 1536 * 4  # 576 rows: 18 chunks
+    assert schedule.share_address(1000, 2, 2, 18, 32 * 576) == 1000 + 18 * 32 * 576 * 4  # the last share ends it
+    assert schedule.share_address(1000, 1, 2, 384, 128 * 576) == 1000 + 192 * 128 * 576 * 4
+    assert schedule.share_address(1000, 0, 2, 4, 32 * 64) == 1000
+    column = np.zeros(1, np.int64)
+    layers = walk.Layers(*([column] * 11))._replace(
+        wq=np.array([10**6]), wk=np.array([2 * 10**6]), wv=np.array([3 * 10**6])
+    )
     # SmolLM2-135M: 576 q rows, 192 k, 192 v = 30 chunks of 32; thread 1 of 2 starts at row 480 (in q),
     # thread 2 of 3 at row 640 (k's row 64), thread 4 of 5 at row 768 (v's row 0)
-    dims = (576, 576, 192, 1536)
-    assert kernels._qkv_share(layer, dims, 1, 2, 30) == 10**6 + 480 * 576 * 4
-    assert kernels._qkv_share(layer, dims, 2, 3, 30) == 2 * 10**6 + 64 * 576 * 4
-    assert kernels._qkv_share(layer, dims, 4, 5, 30) == 3 * 10**6
+    dims = walk.Dims(576, 576, 192, 1536, 64, 3)
+    assert walk.qkv_share(layers, 0, dims, 1, 2, 30) == 10**6 + 480 * 576 * 4
+    assert walk.qkv_share(layers, 0, dims, 2, 3, 30) == 2 * 10**6 + 64 * 576 * 4
+    assert walk.qkv_share(layers, 0, dims, 4, 5, 30) == 3 * 10**6
 
 
-def _decode_once(lm, ids: list[int], rows: int = 1) -> None:
-    """A prefill and one step of ``rows`` samples (and a one-sample step's summary): what compiles their
-    kernel functions, or loads them from numba's cache on disk."""
-    decoder = Decoder(lm)
-    decoder.prefill(ids, rows)
-    decoder.step(torch.arange(3, 3 + rows))
-    if rows == 1:
-        decoder.summary(3)
-
-
-def test_one_sample_runs_do_not_wait_for_the_n_sample_step_to_be_compiled(tiny_lm, monkeypatch, tmp_path):
-    """Only N-sample runs compile the N-sample step: until one does, one-sample runs are not announced as compiling."""
-    from types import SimpleNamespace
-
-    _decode_once(tiny_lm, tiny_lm.encode("To be"))
-    assert kernels.compiled_on_disk()  # the one-sample functions, compiled (now or before) and cached on disk
-    missing = SimpleNamespace(_index_path=str(tmp_path / "never-written.nbi"))
-    monkeypatch.setattr(kernels, "_samples", SimpleNamespace(_cache=SimpleNamespace(_cache_file=missing)))
-    assert kernels.compiled_on_disk() and not kernels.compiled_on_disk(samples=True)
-
-
-def test_a_kernel_not_yet_compiled_is_announced(tiny_lm, monkeypatch, caplog):
+def test_a_decoder_not_yet_compiled_is_announced(tiny_lm, monkeypatch, caplog):
     """The first use after install compiles for about a minute: one line says so, instead of a silent wait."""
-    ids = tiny_lm.encode("To be")
-    _decode_once(tiny_lm, ids)
-    assert kernels.compiled_on_disk()  # compiled now if no test before did, and cached on disk by numba
-    _decode_once(tiny_lm, ids, rows=2)
-    assert kernels.compiled_on_disk(samples=True)
-    with caplog.at_level("WARNING", logger="nexttok.engine"):
+    CompiledDecoder(tiny_lm).add(tiny_lm.encode("To be"))
+    assert walk.compiled_on_disk()  # compiled now if no test before did, and cached on disk by numba
+    with caplog.at_level("WARNING", logger="nexttok.cpu.decoder"):
         caplog.clear()
-        Decoder(tiny_lm).prefill(ids)
-        Decoder(tiny_lm).prefill(ids, 2)
+        CompiledDecoder(tiny_lm)
         assert not caplog.records
-        monkeypatch.setattr(kernels, "compiled_on_disk", lambda samples=False: False)
-        Decoder(tiny_lm).prefill(ids)
+        monkeypatch.setattr(walk, "compiled_on_disk", lambda: False)
+        CompiledDecoder(tiny_lm)
     assert [r.getMessage() for r in caplog.records] == [
-        "nexttok: compiling the decode kernel for this CPU (once after install: about a minute on 2 cores)"
+        "nexttok: compiling the decoder for this CPU (once after install: about a minute on 2 cores)"
     ]

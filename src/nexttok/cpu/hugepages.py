@@ -19,10 +19,11 @@ and the order still holds; on systems without ``MADV_HUGEPAGE`` this does nothin
 from __future__ import annotations
 
 import mmap
-import os
 
 import numpy as np
 import torch
+
+from nexttok.cpu import settings
 
 HUGE = 2 << 20  # bytes in a huge page (x86-64, arm64 with 4 KiB base pages)
 _ALIGN = 64  # each parameter starts on a cache line
@@ -47,7 +48,7 @@ def move_to_hugepages(model: torch.nn.Module) -> int:
 
     The arena holds them back to back in ``model.parameters()`` order, which for HF decoders is the order a
     decode step reads them (layer by layer: q, k, v, o, gate, up, down), so a step is close to one stream."""
-    if not hasattr(mmap, "MADV_HUGEPAGE") or os.environ.get("NEXTTOK_HUGEPAGES", "1") == "0":
+    if not hasattr(mmap, "MADV_HUGEPAGE") or not settings.on("NEXTTOK_HUGEPAGES"):
         return 0
     params = [p for p in model.parameters() if p.device.type == "cpu" and p.is_contiguous() and p.numel()]
     if not params:
