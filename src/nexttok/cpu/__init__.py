@@ -13,4 +13,6 @@ The parts, as in ggml's split of ops, threading, re-layout and graph:
 - ``decoder``: :class:`~nexttok.cpu.decoder.CompiledDecoder`, the ``nexttok.decode.Decoder`` it implements.
 
 Importing this package imports no numba; ``decoder`` does. Measurements: docs/internals/cpu-decoder.md.
+numba's on-disk cache of ``walk.run`` is keyed on walk.py alone, though it inlines the other modules: after
+editing one of them, touch walk.py (or delete its ``__pycache__``) so the next call compiles afresh.
 """

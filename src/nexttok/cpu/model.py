@@ -60,7 +60,6 @@ class ModelArrays:
     def __init__(self, model: torch.nn.Module, packed: Packed | None = None):
         self.model = model
         self.dims = dims(model)
-        self.embed = array(model.model.embed_tokens.weight)
         self.bind(packed)
 
     def bind(self, packed: Packed | None) -> None:

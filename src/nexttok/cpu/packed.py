@@ -1,11 +1,11 @@
 """A copy of a Llama-family model's large weights in the layout the compiled decode step streams fastest.
 
 Why: a decode step's matrix-vector products read each weight once per token. Row by row (nn.Linear's
-(out, in) layout), each 8 weights need 8 values of the input loaded too, and on the AMD Zen 3 VM
-measured those loads hold the core's load queue while the weights are on their way from memory: a 2 GiB
-matrix streamed at 0.90-0.96 of torch's sum of the same buffer. Stored in tiles of ``TILE`` output rows,
-column by column (tile b holds ``W[b*TILE:(b+1)*TILE, :].T``, contiguous), one input value, broadcast,
-meets ``TILE`` weights in registers, and the same matrix streams at 0.98-1.03 (``intrinsics.tile_dot``).
+(out, in) layout), each 8 weights need 8 values of the input loaded too, and those loads hold the core's
+load queue while the weights are on their way from memory. Stored in tiles of ``TILE`` output rows, column
+by column (tile b holds ``W[b*TILE:(b+1)*TILE, :].T``, contiguous), one input value, broadcast, meets
+``TILE`` weights in registers (``intrinsics.tile_dot``), and the matrix streams at the memory's rate
+(docs/internals/cpu-decoder.md).
 
 The copy costs the model's size again in memory, so it is made only where a run is long enough to gain
 from it (the engine makes it with the move onto huge pages, ``weights.RELAYOUT_AFTER``) and where the

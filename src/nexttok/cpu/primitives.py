@@ -16,7 +16,7 @@ MATH = {"reassoc", "contract", "nsz", "arcp"}
 
 ROWS = 32  # rows per chunk: 74-197 KB of weights for this model's matrices (16 and 64 measured slower)
 
-OUT_ROWS = 128  # rows per chunk of the output layer (its statistics are per chunk: _out_chunk)
+OUT_ROWS = 128  # rows per chunk of the output layer (its statistics are per chunk: walk.out_chunk)
 
 SPAN = 64  # floats per block of dot_paced: each block's sum is reduced to a scalar before the next starts
 
@@ -36,14 +36,9 @@ WIDE = wide_vectors()  # picks dot and tile
 def dot_paced(w, i, x):
     """w[i] . x, in blocks of SPAN floats, each vectorized (4 AVX-512 FMAs) and reduced in turn.
 
-    Why blocks (on AVX-512 CPUs, :data:`dot`): a plain loop (4 vector accumulators over the whole row)
-    computes 1.6-2.3x faster but streams slower on the AMD Zen 4 VM measured; its loads run further
-    ahead of the arithmetic, and that memory serves it worse than a paced stream (we did not find out
-    why). Rows of 576 floats in 32-row chunks of a 2 GiB matrix, 2 threads, against torch's sum at
-    the memory's faster level, in the two interleaved runs that measured both: 0.85 -> 0.96 and
-    0.84 -> 0.88 (the plain loop alone, over seven runs: 0.70-0.85). A whole 128-token generate(),
-    with the gate-then-up order of gated_rows: 0.65-0.67 -> 0.67-0.73 of the ceiling at the faster
-    level, 0.82-0.84 -> 0.90 at the slower. Blocks of 32 or 96 floats compiled to gathers, so 64 it is."""
+    Why blocks (on AVX-512 CPUs, :data:`dot`): it computes slower than the plain loop but streams from
+    memory faster on the AVX-512 VM measured (docs/internals/cpu-decoder.md); blocks of 32 or 96 floats
+    compiled to gathers, so 64 it is."""
     n = w.shape[1]
     top = n - n % SPAN
     acc = np.float32(0.0)
@@ -64,11 +59,9 @@ def dot_plain(w, i, x):
     return acc
 
 
-# The dot product every stage streams its weight rows through. The paced loop is for AVX-512 CPUs only: on
-# the AMD Zen 3 VM measured (AVX2, 16 vector registers), its per-block reductions make it compute-bound
-# (48 against 104 GB/s in cache, 2 threads) and a whole 128-token generate() read 0.71 of the ceiling
-# against 0.82 with the plain loop (42 interleaved runs, paired). numba caches compiled code per CPU
-# name and features, so a cache never crosses this choice.
+# The dot product every stage streams its weight rows through: the paced loop on AVX-512 CPUs only (with
+# AVX2's 16 vector registers its per-block reductions make it compute-bound; docs/internals/cpu-decoder.md).
+# numba caches compiled code per CPU name and features, so a cache never crosses this choice.
 dot = dot_paced if WIDE else dot_plain
 
 
@@ -155,8 +148,7 @@ def exp_parts(x):
 @njit(fastmath=ELEMENTWISE)  # not inlined, so that these flags (no reassociation) are the ones that apply
 def silu_mul(n, g, u, e, bits, out, lo):
     """out[lo + i] = silu(g[i]) u[i] for i < n, with :func:`exp_parts` (tests/test_cpu_decoder.py): it
-    vectorizes, where numba calls expf once per row (interleaved 128-token runs at the memory's faster
-    level: 0.766 -> 0.776 of the ceiling in the steps, within noise; none at the slower level)."""
+    vectorizes, where numba calls expf once per row."""
     for i in range(n):
         e[i], bits[i] = exp_parts(-g[i])
     scale = bits.view(np.float32)
@@ -238,12 +230,9 @@ def tile2(w, i, x, s, y, col):
 # The prefill's tile of weight rows x 4 positions: 4 rows where AVX-512's 32 vector registers hold its 16 sums.
 TILE_ROWS, tile = (4, tile4) if WIDE else (2, tile2)
 
-# Weight rows ahead whose cache lines the prefill asks for (llvm.prefetch), spread over a tile's passes:
-# its arithmetic otherwise leaves the memory idle between one tile's rows and the next's (the hardware's
-# prefetch follows the loads, and a tile's rows are loaded from memory only in its first pass). On the Zen
-# 3 VM (2 x 4 tiles), a 32-token prefill, medians of 40 interleaved rounds, six runs: 83-98 -> 72-91 ms
-# 4 rows ahead (7-17 ms less in each; 6 rows: 80, 8: 81 against 74; all lines at once before the tile:
-# 91-93 against 82-93, slower). Not measured with AVX-512's 4 x 4 tiles: there it stays off.
+# Weight rows ahead whose cache lines a GEMM tile asks for (llvm.prefetch), spread over the tile's passes: its
+# arithmetic otherwise leaves the memory idle between one tile's rows and the next's. Measured on AVX2's 2 x 4
+# tiles only (docs/internals/cpu-decoder.md); off with AVX-512's 4 x 4.
 TILE_AHEAD = 0 if WIDE else 4
 
 
@@ -278,10 +267,9 @@ def row4(w, i, x, s, y, col):
 def gemm(p, lo, hi, w, x, y, col, stream):
     """y[:p, col+lo:col+hi] = x[:p] @ w[lo:hi].T, for x (P, in) and p <= P a multiple of 4.
 
-    With ``stream`` (the step of up to 8 samples: few rows, weights from memory), one weight row at a time meets
-    8 (or 4) rows of x: on the Zen 3 VM, streaming a 1 GiB matrix against 8 rows with 2 threads, 19-20
-    GB/s where tile's 2 interleaved weight rows read 14-16 (software prefetch made both slower). Else
-    (a prompt's block: bound by arithmetic) :data:`tile`, which computes faster on data in cache."""
+    With ``stream`` (up to 8 rows: weights from memory), one weight row at a time meets 8 (or 4) rows of x,
+    which streams the weights faster than two interleaved rows (docs/internals/cpu-decoder.md). Else (a
+    prompt's block: bound by arithmetic) :data:`tile`, which computes faster on data in cache."""
     if stream:
         for i in range(lo, hi):
             for s in range(0, p - 4, 8):

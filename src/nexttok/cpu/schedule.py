@@ -55,9 +55,7 @@ def chunks(counters, stage, t, nt, n, ahead, lines):
     thread that has not started (or runs the iterations one after another). With no chunk left to
     claim, the thread asks for the first ``lines`` cache lines at ``ahead`` (where its share of the next
     stage's weights begins) before it waits: the next stage then starts on a stream already running
-    (interleaved 128-token runs against the bench's ceiling, at the memory's faster level: 0.697 ->
-    0.729 with 256 lines, 0.723 with 64, and again 0.693 -> 0.732 with 256 over 50 rounds; at the
-    slower level 0.902 -> 0.913 and 0.897 -> 0.908). Software prefetch within a stream measured slower."""
+    (docs/internals/cpu-decoder.md)."""
     base = stage * (nt + 1) * PAD
     mine = 0
     for j in range(nt):

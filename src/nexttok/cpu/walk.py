@@ -44,6 +44,11 @@ PRANGE_ONLY = {"prange": True, "numpy": False, "setitem": False, "reduction": Fa
                "stencil": False, "fusion": False, "inplace_binop": False}  # fmt: skip
 
 
+# Up to this many positions a GEMM takes one weight row at a time against them (weights from memory);
+# more positions go through the arithmetic-bound tiles (primitives.gemm).
+STREAM_ROWS = 8
+
+
 class Dims(NamedTuple):
     """A model's sizes (ints)."""
 
@@ -159,7 +164,7 @@ def _walk(t, nt, b, w, dims, s, cache, scale, eps, counters, out):
     """Thread t's part of a call: every layer's stages over the call's positions, then the output layer."""
     one = b.tokens == 1  # one position: matrix-vector products, weights asked for ahead
     p = 1 if one else (b.tokens + 3) // 4 * 4  # positions computed: whole tiles of 4 (those past tokens unread)
-    stream = p <= 8
+    stream = p <= STREAM_ROWS
     x, h = s.x[t], s.h[t]
     heads, rows = dims.nq // dims.hd, b.first.shape[0]
     span, most = 1, 1
@@ -341,7 +346,7 @@ def _output(t, nt, b, w, x, h, eps, counters, out, tmp):
         if rows == 1:
             out_chunk(c, w.head, w.head_tiles, h[0], out.logits[0], out.stats, out.argmax, tmp)
         else:
-            gemm(rp, c * OUT_ROWS, min((c + 1) * OUT_ROWS, vocab), w.head, h, out.logits, 0, rp <= 8)
+            gemm(rp, c * OUT_ROWS, min((c + 1) * OUT_ROWS, vocab), w.head, h, out.logits, 0, rp <= STREAM_ROWS)
 
 
 @njit(fastmath=MATH, inline="always")
