@@ -141,3 +141,22 @@ def test_the_decoder_packs_the_weights_mid_run_and_reads_them(monkeypatch):
             reference = model(torch.tensor([seq])).logits[:, -1]
         torch.testing.assert_close(ours.step([row], [token]), reference, atol=1e-4, rtol=1e-4)
     assert cache.packed() is not None
+
+
+@pytest.mark.parametrize("kind", ["odd", "llama", "qwen2"])
+@pytest.mark.parametrize("n", [3, 8])
+def test_rows_read_the_packed_copy_with_the_model_forward_logits(kind, n):
+    """Up to walk.STREAM_ROWS rows in one call read o, gate/up, down and the output layer from the packed
+    tiles, all rows against each tile row (intrinsics.tile_rows4/8): each row's logits are its own forward's."""
+    model = odd_sizes() if kind == "odd" else tiny(kind)
+    cache = WeightCache(model)
+    assert cache.pack() is not None
+    decoder = CompiledDecoder(SimpleNamespace(model=model, weights=cache))
+    first, _ = decoder.add([3, 1, 4, 1, 5])
+    rows = [first, *decoder.fork(first, n - 1)]
+    sequences = torch.tensor([[3, 1, 4, 1, 5]] * n)
+    for step in torch.randint(0, 97, (3, n), generator=torch.Generator().manual_seed(n)):
+        logits = decoder.step(rows, step.tolist())
+        sequences = torch.cat([sequences, step[:, None]], dim=1)
+        with torch.inference_mode():
+            torch.testing.assert_close(logits, model(sequences).logits[:, -1], atol=1e-4, rtol=1e-4)

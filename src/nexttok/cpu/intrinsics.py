@@ -112,6 +112,46 @@ def tile_dot(typingctx, tile, x, n, out):
     return types.void(types.int64, types.int64, types.int64, types.int64), codegen
 
 
+def _tile_rows(count: int):
+    """An intrinsic: tile_dot for ``count`` rows of x at once, sharing each load of the tile's row."""
+
+    @intrinsic
+    def tile_rows(typingctx, tile, x, x_stride, n, out):
+        """out[r, k] = sum over j < n of tile[j, k] x[r, j], for r < count and k < TILE: a packed tile at
+        address ``tile``; x (count, x_stride) and out (count, TILE) float32 at addresses. Each tile row is
+        loaded once for the ``count`` rows (their sums: count vectors held in registers)."""
+
+        def codegen(context, builder, sig, args):
+            tile, x, x_stride, n, out = args
+            f32, vec, i64 = ir.FloatType(), ir.VectorType(ir.FloatType(), TILE), ir.IntType(64)
+            name = f"llvm.fmuladd.v{TILE}f32"
+            fmuladd = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vec, [vec] * 3), name)
+            accs = [cgutils.alloca_once(builder, vec) for _ in range(count)]  # promoted to registers by LLVM
+            for acc in accs:
+                builder.store(ir.Constant(vec, [0.0] * TILE), acc)
+            rows, xs = builder.inttoptr(tile, vec.as_pointer()), builder.inttoptr(x, f32.as_pointer())
+            lanes = ir.Constant(ir.VectorType(ir.IntType(32), TILE), [0] * TILE)
+            with cgutils.for_range(builder, n) as loop:
+                weights = builder.load(builder.gep(rows, [loop.index]), align=4)  # tile row j
+                for r, acc in enumerate(accs):
+                    at = builder.add(builder.mul(x_stride, i64(r)), loop.index)
+                    value = builder.load(builder.gep(xs, [at]))
+                    one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, i64(0))
+                    broadcast = builder.shuffle_vector(one, one, lanes)  # x[r, j] in every lane
+                    builder.store(builder.call(fmuladd, [weights, broadcast, builder.load(acc)]), acc)
+            outs = builder.inttoptr(out, vec.as_pointer())
+            for r, acc in enumerate(accs):
+                builder.store(builder.load(acc), builder.gep(outs, [i64(r)]), align=4)
+            return context.get_dummy_value()
+
+        return types.void(types.int64, types.int64, types.int64, types.int64, types.int64), codegen
+
+    return tile_rows
+
+
+tile_rows4, tile_rows8 = _tile_rows(4), _tile_rows(8)
+
+
 @njit(inline="always")
 def matrix(address, rows, cols):
     """The float32 C-ordered (rows, cols) array at ``address`` (a weight the kernel holds a view of)."""

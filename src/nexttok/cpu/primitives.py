@@ -8,7 +8,7 @@ import numpy as np
 from llvmlite import binding as llvm
 from numba import njit
 
-from nexttok.cpu.intrinsics import prefetch, prefetch_far, tile_dot
+from nexttok.cpu.intrinsics import prefetch, prefetch_far, tile_dot, tile_rows4, tile_rows8
 from nexttok.cpu.packed import TILE
 
 # Reassociation lets LLVM vectorize the dot products; no-NaN/no-inf assumptions are left out.
@@ -304,3 +304,19 @@ def qkv_block(p, c, wq, wk, wv, bias, h, out, stream):
     for s in range(p):
         for i in range(col + lo, col + hi):
             out[s, i] += bias[i]
+
+
+@njit(inline="always")
+def tiled_block(c, rows, p, tiles, n, x, out, col, tmp):
+    """out[s, col + i] = W[i] . x[s] for s < p (4 or 8) and chunk c's rows (``rows`` per chunk, whole tiles) of
+    a packed matrix W (n rows, x.shape[1] columns) whose tiles begin at ``tiles``; ``tmp`` (8, TILE) scratch."""
+    cols = x.shape[1]
+    for b in range(c * rows // TILE, min(-(-n // TILE), (c + 1) * rows // TILE)):
+        address = tiles + b * cols * TILE * 4
+        if p == 8:
+            tile_rows8(address, x.ctypes.data, cols, cols, tmp.ctypes.data)
+        else:
+            tile_rows4(address, x.ctypes.data, cols, cols, tmp.ctypes.data)
+        for s in range(p):
+            for k in range(min(TILE, n - b * TILE)):
+                out[s, col + b * TILE + k] = tmp[s, k]

@@ -18,7 +18,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from nexttok.cpu.intrinsics import matrix
+from nexttok.cpu.intrinsics import matrix, tile_rows4, tile_rows8
+from nexttok.cpu.packed import TILE
 from nexttok.cpu.primitives import (
     MATH,
     OUT_ROWS,
@@ -34,6 +35,7 @@ from nexttok.cpu.primitives import (
     rmsnorm,
     rope,
     silu_mul,
+    tiled_block,
     tiled_rows,
 )
 from nexttok.cpu.schedule import AHEAD_LINES, STAGES, chunks, first_chunk, share_address
@@ -173,6 +175,7 @@ def _walk(t, nt, b, w, dims, s, cache, scale, eps, counters, out):
     kb, scores = np.empty((most, dims.hd), np.float32), np.empty(span, np.float32)
     buf, bits = np.empty((3, ROWS), np.float32), np.empty(ROWS, np.int32)  # a chunk's gate, up, exp
     gu, tmp = np.empty((2, p, ROWS), np.float32), np.empty(ROWS, np.float32)
+    rows8 = np.empty((8, ROWS), np.float32)  # a tile's outputs for up to 8 positions (primitives.tiled_block)
     lines = AHEAD_LINES if one else 0
     for layer in range(w.layers.wq.shape[0]):
         o_at, o_end, g_at, d_at, next_at = _plan(t, nt, layer, w, dims) if one else (0, 0, 0, 0, 0)
@@ -190,7 +193,7 @@ def _walk(t, nt, b, w, dims, s, cache, scale, eps, counters, out):
                            at, o_end)  # fmt: skip
         wo = matrix(a.wo[layer], dims.hidden, dims.nq)
         for c in chunks(counters, stage + 2, t, nt, -(-dims.hidden // ROWS), g_at, lines):
-            _linear(c, p, stream, wo, w.tiles.o[layer], s.att[layer], s.o[layer], tmp)
+            _linear(c, p, stream, wo, w.tiles.o[layer], s.att[layer], s.o[layer], tmp, rows8)
         bo = matrix(a.bo[layer], 1, dims.hidden)[0]
         for j in range(p):
             for i in range(dims.hidden):
@@ -200,11 +203,11 @@ def _walk(t, nt, b, w, dims, s, cache, scale, eps, counters, out):
             _gate_up(c, p, stream, layer, w, dims, h, s.act[layer], buf, gu, bits)
         wd = matrix(a.wd[layer], dims.hidden, dims.inter)
         for c in chunks(counters, stage + 4, t, nt, -(-dims.hidden // ROWS), next_at, lines):
-            _linear(c, p, stream, wd, w.tiles.down[layer], s.act[layer], s.d[layer], tmp)
+            _linear(c, p, stream, wd, w.tiles.down[layer], s.act[layer], s.d[layer], tmp, rows8)
         for j in range(p):
             for i in range(dims.hidden):
                 x[j, i] += s.d[layer, j, i]
-    _output(t, nt, b, w, x, h, eps, counters, out, tmp)
+    _output(t, nt, b, w, x, h, eps, counters, out, tmp, rows8)
 
 
 @njit(inline="always")
@@ -233,12 +236,14 @@ def _qkv(c, p, stream, layer, w, dims, h, out, tmp):
 
 
 @njit(fastmath=MATH, inline="always")
-def _linear(c, p, stream, wmat, packed, x, out, tmp):
-    """Chunk c of out = x @ wmat.T over p positions (one position: from the packed tiles if any)."""
-    if p > 1:
-        gemm(p, c * ROWS, min((c + 1) * ROWS, wmat.shape[0]), wmat, x, out, 0, stream)
-    else:
+def _linear(c, p, stream, wmat, packed, x, out, tmp, rows8):
+    """Chunk c of out = x @ wmat.T over p positions (from the packed tiles if any, up to STREAM_ROWS)."""
+    if p == 1:
         matvec(c, ROWS, wmat, packed, x[0], out[0], tmp)
+    elif packed and stream:
+        tiled_block(c, ROWS, p, packed, wmat.shape[0], x, out, 0, rows8)
+    else:
+        gemm(p, c * ROWS, min((c + 1) * ROWS, wmat.shape[0]), wmat, x, out, 0, stream)
 
 
 @njit(fastmath=MATH, inline="always")
@@ -250,8 +255,17 @@ def _gate_up(c, p, stream, layer, w, dims, h, out, buf, gu, bits):
         gated_rows(c, wg, wu, w.tiles.gate_up[layer], h[0], out[0], buf, bits)
         return
     lo, hi = c * ROWS, min((c + 1) * ROWS, dims.inter)
-    gemm(p, lo, hi, wg, h, gu[0], -lo, stream)
-    gemm(p, lo, hi, wu, h, gu[1], -lo, stream)
+    packed = w.tiles.gate_up[layer]
+    if packed and stream:  # ROWS == TILE: gate's tile c, then up's (packed.py's order)
+        for part in range(2):
+            address = packed + (2 * c + part) * dims.hidden * TILE * 4
+            if p == 8:
+                tile_rows8(address, h.ctypes.data, dims.hidden, dims.hidden, gu[part].ctypes.data)
+            else:
+                tile_rows4(address, h.ctypes.data, dims.hidden, dims.hidden, gu[part].ctypes.data)
+    else:
+        gemm(p, lo, hi, wg, h, gu[0], -lo, stream)
+        gemm(p, lo, hi, wu, h, gu[1], -lo, stream)
     for j in range(p):
         silu_mul(hi - lo, gu[0, j], gu[1, j], buf[2], bits, out[j], lo)
 
@@ -334,7 +348,7 @@ def attention(head, n, qkv, kc, vc, cos, sin, start, scale, out, kb, scores, ahe
 
 
 @njit(fastmath=MATH, inline="always")
-def _output(t, nt, b, w, x, h, eps, counters, out, tmp):
+def _output(t, nt, b, w, x, h, eps, counters, out, tmp, rows8):
     """The final norm of each row's last position into h[r], then the output layer: for one row chunk by
     chunk with its statistics (``out_chunk``), for several a GEMM over them."""
     rows = b.first.shape[0]
@@ -345,6 +359,8 @@ def _output(t, nt, b, w, x, h, eps, counters, out, tmp):
     for c in chunks(counters, w.layers.wq.shape[0] * STAGES, t, nt, -(-vocab // OUT_ROWS), 0, 0):
         if rows == 1:
             out_chunk(c, w.head, w.head_tiles, h[0], out.logits[0], out.stats, out.argmax, tmp)
+        elif w.head_tiles and rp <= STREAM_ROWS:
+            tiled_block(c, OUT_ROWS, rp, w.head_tiles, vocab, h, out.logits, 0, rows8)
         else:
             gemm(rp, c * OUT_ROWS, min((c + 1) * OUT_ROWS, vocab), w.head, h, out.logits, 0, rp <= STREAM_ROWS)
 
