@@ -36,7 +36,7 @@ def weights_version(model: nn.Module) -> tuple[int, ...]:
 
 class WeightCache:
     """One model's speed copies: the inference copy (:func:`nexttok.torchdecode.inference_copy`), the packed
-    tiles of the compiled decoder (:mod:`nexttok.packed`), and the count of decoded tokens that decides
+    tiles of the compiled decoder (:mod:`nexttok.cpu.packed`), and the count of decoded tokens that decides
     when to make them. Each copy is rebuilt when the model's weights change (after training)."""
 
     def __init__(self, model: nn.Module, owns_model: bool = False):

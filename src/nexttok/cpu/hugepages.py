@@ -4,7 +4,7 @@ A decode step of one sample reads every weight once per token. With 4 KiB pages 
 pages of the default model, each one a page-table walk when the TLB misses, and a hardware prefetcher
 that stops at every page's end; with 2 MiB pages, ~270. And with the weights back to back in the order
 a step reads them, the step is close to one long stream instead of 210 separate matrices. Measured on
-the compiled decode step (docs/generate.md). The engine moves a model's weights once its kernel has
+the compiled decode step (docs/generate.md). The compiled decoder moves a model's weights once it has
 decoded ``weights.RELAYOUT_AFTER`` tokens (the move takes ~1 s here), and only a model nexttok loaded
 itself (``weights.WeightCache.owns_model``): a model the user passed in stays where it is.
 

@@ -87,7 +87,7 @@ def f32_pointer(typingctx, address):
 @intrinsic
 def tile_dot(typingctx, tile, x, n, out):
     """out[k] = sum over j < n of tile[j, k] x[j], for k < TILE: a packed tile (n, TILE) float32 at address
-    ``tile`` (nexttok.packed), x (n,) and out (TILE,) at addresses. The TILE sums are one vector held in
+    ``tile`` (nexttok.cpu.packed), x (n,) and out (TILE,) at addresses. The TILE sums are one vector held in
     registers, and each x[j] is broadcast against a row of the tile: one load per TILE/8 vectors of weights
     beside theirs, where a row-by-row dot product loads as many values of x as of weights (packed.py)."""
 

@@ -8,7 +8,7 @@ by column (tile b holds ``W[b*TILE:(b+1)*TILE, :].T``, contiguous), one input va
 (docs/internals/cpu-decoder.md).
 
 The copy costs the model's size again in memory, so it is made only where a run is long enough to gain
-from it (the engine makes it with the move onto huge pages, ``weights.RELAYOUT_AFTER``) and where the
+from it (the compiled decoder makes it with the move onto huge pages, ``weights.RELAYOUT_AFTER``) and where the
 memory has room (half of what is available; else the kernel keeps reading the model's own rows). It is
 owned by the LM's weight cache (``nexttok.weights.WeightCache``), never stored on the model, in one arena
 on huge pages, in the order a step reads it: per layer the q/k/v rows as one matrix, o, gate and up
