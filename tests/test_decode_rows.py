@@ -120,3 +120,31 @@ def test_rows_that_cannot_fit_are_refused_before_any_work(tiny_lm, monkeypatch):
     check_rows(tiny_lm, 1, 10)  # one short row fits
     with pytest.raises(NexttokError, match="samples of .* positions need about .* GiB"):
         generate(tiny_lm, "To be", SamplingConfig(max_new_tokens=4), num_samples=100_000)  # at the call
+
+
+def test_more_rows_than_one_call_takes_are_split_and_each_is_its_own():
+    """70 rows: the compiled decoder runs them as calls of STEP_ROWS (64) and 6 rows; each row's logits
+    equal the model's forward over its sequence."""
+    model = tiny("llama")
+    decoder = CompiledDecoder(SimpleNamespace(model=model, weights=WeightCache(model)))
+    first, _ = decoder.add([3, 1, 4])
+    rows = [first, *decoder.fork(first, 69)]
+    tokens = torch.arange(70) % 97
+    logits = decoder.step(rows, tokens.tolist())
+    with torch.inference_mode():
+        reference = model(torch.cat([torch.tensor([[3, 1, 4]] * 70), tokens[:, None]], 1)).logits[:, -1]
+    torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_sample_70_of_a_batch_larger_than_a_group_equals_its_single_run(tiny_lm):
+    """The loop works through 64 rows at a time (generate.GROUP): sample 69's draws still come from its own
+    seed alone."""
+    from nexttok.generate import generate
+    from nexttok.sampling import SamplingConfig
+
+    config = SamplingConfig(seed=5, max_new_tokens=6, top_k=20, temperature=1.2)
+    batch = list(generate(tiny_lm, "To be", config, num_samples=70))
+    last = [s.id for s in batch if s.sample == 69]
+    single = SamplingConfig(seed=5 + 69, max_new_tokens=6, top_k=20, temperature=1.2)
+    assert last == [s.id for s in generate(tiny_lm, "To be", single)]
+    assert len({s.sample for s in batch}) == 70

@@ -390,3 +390,17 @@ def test_the_loop_reads_as_the_idea_with_no_branch_on_the_decoder():
     source = inspect.getsource(module._loop)
     assert "kernel" not in source and "pending" not in source and "summary" not in source
     assert len(source.splitlines()) <= 30
+
+
+def test_a_sample_that_finishes_leaves_the_batch_and_the_others_go_on_as_alone(tiny_lm):
+    """Samples end at different steps (a stop string); the others' tokens are those of their single runs."""
+    config = SamplingConfig(seed=21, max_new_tokens=10, ignore_eos=True, temperature=1.3)
+    free = list(generate(tiny_lm, PROMPT, config, num_samples=4))
+    first = {s.sample: s.text for s in free if s.index == 2}  # a text sample 0 has at step 2
+    stop = SamplingConfig(seed=21, max_new_tokens=10, ignore_eos=True, temperature=1.3, stop=(first[0],))
+    stopped = list(generate(tiny_lm, PROMPT, stop, num_samples=4))
+    ends = {s.sample: s.index for s in stopped if s.finish_reason}
+    assert ends[0] <= 2 and len(set(ends.values())) > 1  # sample 0 left early, not all at once
+    for i in range(1, 4):
+        single = SamplingConfig(seed=21 + i, max_new_tokens=10, ignore_eos=True, temperature=1.3, stop=(first[0],))
+        assert [s.id for s in stopped if s.sample == i] == ids_of(generate(tiny_lm, PROMPT, single))
