@@ -112,12 +112,6 @@ class Batched:
         """A summary of the last one-row logits, where the decoder makes one (the compiled decoder); else None."""
         return None
 
-    def close(self) -> None:
-        """Drop every row of the batch."""
-        for row in getattr(self, "_batch", []):
-            self.drop(row)
-        self._batch = []
-
 
 # Vocabulary-sized float32 buffers a row may hold at once: its logits, and one made from them (the loop
 # works through the batch's rows in groups, so its own temporaries do not grow with the rows).

@@ -113,6 +113,9 @@ class RowCache:
     columns hold its positions. A row that skips a step gets a masked column too."""
 
     def __init__(self):
+        self._clear()
+
+    def _clear(self) -> None:
         self.cache = None  # the DynamicCache of every row, or None with no row
         self.rows: list[int] = []  # row ids, in the cache's batch order
         self.mask = torch.zeros(0, 0, dtype=torch.bool)  # (B, W)
@@ -137,7 +140,7 @@ class RowCache:
     def select(self, indices: list[int], ids: list[int]) -> None:
         """Keep the batch rows at ``indices`` (repeats copy a row), which become rows ``ids``."""
         if not indices:
-            self.__init__()
+            self._clear()
             return
         self.cache.batch_select_indices(torch.tensor(indices, device=self._device()))
         self.rows, self.mask = ids, self.mask[indices]

@@ -73,9 +73,6 @@ class Slots:
         if capacity != old_capacity:
             self.cos, self.sin = rope_tables(self.model, capacity)
 
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
-
 
 class Buffers:
     """The walk's scratch for calls of up to :attr:`positions` positions (grown on demand), and the

@@ -307,16 +307,23 @@ def qkv_block(p, c, wq, wk, wv, bias, h, out, stream):
 
 
 @njit(inline="always")
+def tile_rows(p, tile, x, out):
+    """out[s, k] = sum over j of tile[j, k] x[s, j] for s < p (4 or 8), k < TILE: a packed tile at address
+    ``tile`` against the first p rows of x (p, cols), into out (p or more, TILE), both C-contiguous."""
+    cols = x.shape[1]
+    if p == 8:
+        tile_rows8(tile, x.ctypes.data, cols, cols, out.ctypes.data)
+    else:
+        tile_rows4(tile, x.ctypes.data, cols, cols, out.ctypes.data)
+
+
+@njit(inline="always")
 def tiled_block(c, rows, p, tiles, n, x, out, col, tmp):
     """out[s, col + i] = W[i] . x[s] for s < p (4 or 8) and chunk c's rows (``rows`` per chunk, whole tiles) of
     a packed matrix W (n rows, x.shape[1] columns) whose tiles begin at ``tiles``; ``tmp`` (8, TILE) scratch."""
     cols = x.shape[1]
     for b in range(c * rows // TILE, min(-(-n // TILE), (c + 1) * rows // TILE)):
-        address = tiles + b * cols * TILE * 4
-        if p == 8:
-            tile_rows8(address, x.ctypes.data, cols, cols, tmp.ctypes.data)
-        else:
-            tile_rows4(address, x.ctypes.data, cols, cols, tmp.ctypes.data)
+        tile_rows(p, tiles + b * cols * TILE * 4, x, tmp)
         for s in range(p):
             for k in range(min(TILE, n - b * TILE)):
                 out[s, col + b * TILE + k] = tmp[s, k]

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from nexttok.cpu.intrinsics import matrix, tile_rows4, tile_rows8
+from nexttok.cpu.intrinsics import matrix
 from nexttok.cpu.packed import TILE
 from nexttok.cpu.primitives import (
     MATH,
@@ -35,6 +35,7 @@ from nexttok.cpu.primitives import (
     rmsnorm,
     rope,
     silu_mul,
+    tile_rows,
     tiled_block,
     tiled_rows,
 )
@@ -258,11 +259,7 @@ def _gate_up(c, p, stream, layer, w, dims, h, out, buf, gu, bits):
     packed = w.tiles.gate_up[layer]
     if packed and stream:  # ROWS == TILE: gate's tile c, then up's (packed.py's order)
         for part in range(2):
-            address = packed + (2 * c + part) * dims.hidden * TILE * 4
-            if p == 8:
-                tile_rows8(address, h.ctypes.data, dims.hidden, dims.hidden, gu[part].ctypes.data)
-            else:
-                tile_rows4(address, h.ctypes.data, dims.hidden, dims.hidden, gu[part].ctypes.data)
+            tile_rows(p, packed + (2 * c + part) * dims.hidden * TILE * 4, h, gu[part])
     else:
         gemm(p, lo, hi, wg, h, gu[0], -lo, stream)
         gemm(p, lo, hi, wu, h, gu[1], -lo, stream)
