@@ -76,7 +76,7 @@ def test_kernel_prefill_equals_the_model_forward_and_its_cache(kind, length):
     model = tiny(kind)
     ids = torch.randint(0, 97, (length,), generator=torch.Generator().manual_seed(length)).tolist()
     kernel = CompiledDecoder(lm_of(model))
-    kernel.PREFILL_MAX = 1000  # every length through the walk's blocks
+    kernel.prefill_max = 1000  # every length through the walk's blocks
     row, logits = kernel.add(ids)
     slot = kernel.rows[row]
     cache = DynamicCache(config=model.config)
@@ -432,3 +432,18 @@ def test_a_decoder_not_yet_compiled_is_announced(tiny_lm, monkeypatch, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "nexttok: compiling the decoder for this CPU (once after install: about a minute on 2 cores)"
     ]
+
+
+def test_exact_prefill_gives_the_distributions_logits_and_the_walk_goes_on_from_them(tiny_lm):
+    """make_decoder(exact_prefill=True) reads a short prompt with the model's forward pass (the server's
+    decoder): its first logits are lm.distribution's exactly, and the steps after still match the forward."""
+    from nexttok.decoders import make_decoder
+
+    ids = tiny_lm.encode("To be, or not")
+    decoder = make_decoder(tiny_lm, exact_prefill=True)
+    assert "compiled" in decoder.reason
+    row, first = decoder.add(ids)
+    assert torch.equal(first, tiny_lm.last_logits(ids))
+    nxt = int(first.argmax())
+    stepped = decoder.step([row], [nxt])[0]
+    assert torch.allclose(stepped, tiny_lm.last_logits([*ids, nxt]), atol=1e-4)

@@ -297,9 +297,9 @@ def metaspace_tokenizer(text: str):
 def streamed(tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> str:
     from types import SimpleNamespace
 
-    from nexttok.generate import _Text
+    from nexttok.samples import TextStream
 
-    text, out = _Text(SimpleNamespace(tokenizer=tokenizer), stop), []
+    text, out = TextStream(SimpleNamespace(tokenizer=tokenizer), stop), []
     for i in ids:
         delta, hit = text.push(i)
         out.append(delta)

@@ -95,3 +95,28 @@ def test_sampling_after_top_k_uses_only_survivors_and_still_matches():
     gens = make_generators([9])
     drawn = {int(sample(scores, gens)) for _ in range(300)}
     assert drawn == set(top5)
+
+
+def test_a_draw_is_the_full_sorts_inverse_cdf_inside_and_past_the_window():
+    """draw() orders only the best WINDOW tokens unless u lands past them; every pick equals the token a full
+    stable sort (best first, ties by id) gives for the same u, on flat, peaked and tied rows."""
+    from nexttok.sampling import WINDOW, draw
+
+    torch.manual_seed(0)
+    flat = torch.randn(40, 3000) * 0.1  # most of the mass lies past the window
+    peaked = torch.randn(40, 3000) * 4
+    tied = (torch.randn(40, 3000) * 3).round()  # many equal scores, also across the window's edge
+    filtered = peaked.clone()
+    filtered[:, 500:] = float("-inf")  # removed tokens are never picked
+    for scores in (flat, peaked, tied, filtered):
+        seeds = list(range(len(scores)))
+        chosen, uniform = draw(scores, make_generators(seeds))
+        probs = torch.softmax(scores, -1)
+        for r in range(len(scores)):
+            order = torch.sort(scores[r], descending=True, stable=True).indices
+            ranked = probs[r, order]
+            at = int(torch.searchsorted(ranked.cumsum(-1), torch.tensor([uniform[r]]) * probs[r].sum()))
+            assert int(chosen[r]) == int(order[min(at, int((ranked > 0).sum()) - 1)])
+            assert torch.isfinite(scores[r, chosen[r]])
+    past = draw(flat, make_generators(list(range(40))))[0]
+    assert any(int((flat[r] > flat[r, past[r]]).sum()) >= WINDOW for r in range(40))  # the fallback ran

@@ -32,14 +32,16 @@ def decoder_choice(lm: LM, fast: bool = True) -> tuple[bool, str]:
     return True, f"compiled CPU decoder: a {type(model).__name__} in float32 on the CPU"
 
 
-def make_decoder(lm: LM, fast: bool = True) -> Decoder:
+def make_decoder(lm: LM, fast: bool = True, exact_prefill: bool = False) -> Decoder:
     """The decoder for ``lm``: the compiled CPU decoder where :func:`decoder_choice` says so, else torch's.
-    ``fast=False``: the torch decoder on the plain model (no inference copy)."""
+    ``fast=False``: the torch decoder on the plain model (no inference copy). ``exact_prefill``: every prompt
+    is read by the model's forward pass, so each row's first logits are exactly :meth:`LM.distribution`'s
+    (the compiled walk's prefill agrees to ~2e-5 in logprob and is faster on short prompts)."""
     compiled, reason = decoder_choice(lm, fast)
     if compiled:
         from nexttok.cpu.decoder import CompiledDecoder
 
-        return CompiledDecoder(lm, reason)
+        return CompiledDecoder(lm, reason, prefill_max=0 if exact_prefill else None)
     from nexttok.torchdecode import TorchDecoder
 
     return TorchDecoder(lm, fast=fast, reason=reason)

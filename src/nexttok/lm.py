@@ -103,6 +103,19 @@ class LM:
             return "".join(f"\\x{dec[c]:02x}" for c in raw)
         return raw if isinstance(raw, str) else text
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a piece of a multi-byte character is its bytes alone)."""
+        text = self.tokenizer.decode([token_id])
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        raw = self.tokenizer.convert_ids_to_tokens(token_id)
+        dec = byte_decoder()
+        if isinstance(raw, str) and raw and all(c in dec for c in raw):  # byte-level BPE
+            return bytes(dec[c] for c in raw)
+        if isinstance(raw, str) and len(raw) == 6 and raw.startswith("<0x") and raw.endswith(">"):  # byte fallback
+            return bytes([int(raw[3:5], 16)])
+        return text.encode("utf-8")
+
     def token_ids(self, token: str | int) -> list[int]:
         """The ids of a token given as an id or as text (several ids for a word of several tokens)."""
         if isinstance(token, int):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -264,12 +264,15 @@ def build_processors(config: SamplingConfig, logit_bias: dict[int, float] | None
 @dataclass(frozen=True)
 class StageRecord:
     """What one stage did to a row: ``survivors`` tokens left, ``mass_removed`` of the probability
-    (measured before the stage), and the ``top`` candidates after it as (id, probability)."""
+    (measured before the stage), the ``entropy`` (nats) after it, and the ``top`` candidates after it as
+    (id, probability). ``token_prob``: the chosen token's probability after the stage, once one is chosen."""
 
     name: str
     survivors: int
     mass_removed: float
     top: list[tuple[int, float]]
+    entropy: float = 0.0
+    token_prob: float | None = None
 
 
 def record(name: str, before: torch.Tensor | None, after: torch.Tensor, top: int = 5) -> StageRecord:
@@ -279,9 +282,12 @@ def record(name: str, before: torch.Tensor | None, after: torch.Tensor, top: int
     if before is not None:
         gone = torch.isfinite(before) & ~alive  # (V,)
         removed = float(torch.softmax(before, -1)[gone].sum())
-    probs = torch.softmax(after, -1)  # (V,)
+    logp = torch.log_softmax(after, -1)  # (V,)
+    probs = logp.exp()
+    entropy = float(-(probs * logp).nan_to_num().sum()) + 0.0  # + 0.0: one survivor has entropy 0, not -0
     values, ids = torch.topk(probs, min(top, int(alive.sum())))
-    return StageRecord(name, int(alive.sum()), removed, list(zip(ids.tolist(), values.tolist(), strict=True)))
+    pairs = list(zip(ids.tolist(), values.tolist(), strict=True))
+    return StageRecord(name, int(alive.sum()), removed, pairs, entropy)
 
 
 def apply(
@@ -290,11 +296,29 @@ def apply(
     """Run the stages in order on (B, V) ``scores``. With ``trace``, ``records[row]`` lists what each
     stage left in that row, starting with the model's own distribution; without, it is empty. No stage
     and no trace: ``scores`` as they are (even None)."""
+    scores, records, _ = apply_traced(processors, input_ids, scores, trace)
+    return scores, records
+
+
+def apply_traced(
+    processors: Sequence[Processor], input_ids: torch.Tensor, scores: torch.Tensor, trace: bool = True
+) -> tuple[torch.Tensor, list[list[StageRecord]], list[torch.Tensor]]:
+    """:func:`apply`, also giving each stage's (B, V) scores with ``trace`` (the model's first), from which
+    :func:`with_token` reads the chosen tokens' probability after every stage."""
     rows = range(scores.shape[0]) if trace else range(0)
     records = [[record("model", None, scores[r])] for r in rows] if trace else []
+    history = [scores] if trace else []
     for stage in processors:
         new = stage(input_ids, scores)
-        for r in rows if trace else ():
+        for r in rows:
             records[r].append(record(stage.name, scores[r], new[r]))
         scores = new
-    return scores, records
+        history += [new] if trace else []
+    return scores, records, history
+
+
+def with_token(records: list[list[StageRecord]], history: list[torch.Tensor], chosen: torch.Tensor):
+    """``records`` with each stage's ``token_prob`` of the row's ``chosen`` token (B,) filled in."""
+    at = chosen.view(-1, 1)  # (B, 1)
+    probs = [torch.softmax(h.float(), -1).gather(1, at)[:, 0].tolist() for h in history]  # per stage: (B,)
+    return [[replace(rec, token_prob=probs[s][r]) for s, rec in enumerate(row)] for r, row in enumerate(records)]

@@ -48,10 +48,12 @@ class CompiledDecoder(Batched):
     PREFILL_MAX = 48 if WIDE else 96
     STEP_ROWS = 64  # rows per call: bounds the scratch; the weights are read once per call
 
-    def __init__(self, lm: LM, reason: str = "compiled CPU decoder"):
+    def __init__(self, lm: LM, reason: str = "compiled CPU decoder", prefill_max: int | None = None):
         from nexttok.torchdecode import TorchDecoder
 
         self.reason, self.forward_calls = reason, 0
+        # 0: every prompt through the model's forward, so a row's first logits are exactly lm.distribution's
+        self.prefill_max = self.PREFILL_MAX if prefill_max is None else prefill_max
         model = lm.model
         self._weights = lm.weights
         self.arrays = ModelArrays(model, lm.weights.packed())
@@ -78,7 +80,7 @@ class CompiledDecoder(Batched):
         ids = list(ids)
         slot = self.slots.take()[0]
         self.slots.reserve(len(ids) + reserve)
-        if len(ids) <= self.PREFILL_MAX:
+        if len(ids) <= self.prefill_max:
             for lo in range(0, len(ids), BLOCK):
                 logits = self._call([slot], ids[lo : lo + BLOCK], [len(ids[lo : lo + BLOCK])])
         else:
