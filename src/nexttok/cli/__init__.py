@@ -19,6 +19,7 @@ with gc_pause.paused():  # their imports (datasets, peft, ...): see gc_pause.py
     from nexttok.cli import finetune as _finetune  # noqa: E402,F401
     from nexttok.cli import generate as _generate  # noqa: E402,F401
     from nexttok.cli import predict as _predict  # noqa: E402,F401
+    from nexttok.cli import serve as _serve  # noqa: E402,F401
     from nexttok.cli import train as _train  # noqa: E402,F401
 
 # Verbs that load a model, print and write only files they have closed. After them the interpreter's

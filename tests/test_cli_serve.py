@@ -1,0 +1,63 @@
+"""``nexttok serve`` as a process: it serves, drains on SIGTERM and exits 0; its options are checked."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+from serving import free_port, wait_healthy
+from typer.testing import CliRunner
+
+from nexttok.cli import app
+
+
+def test_sigterm_finishes_requests_in_flight_then_exits_0(tiny_model_dir):
+    port = free_port()
+    cmd = [sys.executable, "-m", "nexttok", "serve", "--model", str(tiny_model_dir), "--port", str(port),
+           "--served-model-name", "tiny", "--shutdown-timeout", "20", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "NEXTTOK_API_KEY": ""}
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, 180)
+        body = {"model": "tiny", "prompt": "To be", "max_tokens": 200, "stream": True, "nexttok": {"ignore_eos": True}}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            proc.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        chunks = [line for line in rest if line.startswith("data: {")]
+        assert rest[-1] == "data: [DONE]" and len(chunks) >= 150  # the request in flight finished
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--max-batch", "0"], "--max-batch must be at least 1"), (["--port", "70000"], "--port must be in 0..65535")],
+)
+def test_bad_options_are_one_line_and_exit_2(args, message):
+    r = CliRunner().invoke(app, ["serve", *args])
+    assert r.exit_code == 2 and message in r.stderr
+
+
+def test_another_host_than_loopback_warns(monkeypatch, tiny_model_dir):
+    import uvicorn
+
+    served = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: served.append(self.config.host))  # nothing listens
+    r = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0"])
+    assert r.exit_code == 0 and served == ["0.0.0.0"]
+    assert r.stderr.count("\n") == 1 and "warning: listening on 0.0.0.0" in r.stderr
+    quiet = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir)])
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr
