@@ -480,3 +480,49 @@ def test_chat_streams_prompt_logprobs_before_the_answer(client):
     assert chunks.index(with_prompt[0]) < next(
         i for i, c in enumerate(chunks) if c.choices and c.choices[0].delta.content
     )
+
+
+def test_prompt_as_strings_or_id_lists_gives_n_choices_per_prompt(client, tiny_lm):
+    texts = [PROMPT, "Whether 'tis nobler"]
+    args = dict(model=NAME, max_tokens=4, seed=5, n=2, extra_body={"nexttok": {"ignore_eos": True}})
+    by_text = client.completions.create(prompt=texts, **args)
+    by_ids = client.completions.create(prompt=[tiny_lm.encode(t) for t in texts], **args)
+    one = client.completions.create(prompt=tiny_lm.encode(texts[1]), **args)
+    assert [c.index for c in by_text.choices] == [0, 1, 2, 3]
+    assert [c.text for c in by_text.choices] == [c.text for c in by_ids.choices]
+    assert [c.text for c in by_text.choices[2:]] == [c.text for c in one.choices]
+    assert by_text.usage.prompt_tokens == sum(len(tiny_lm.encode(t)) for t in texts)
+
+
+def test_a_stop_string_ends_the_choice_with_finish_reason_stop(client):
+    free = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0,
+                                     extra_body={"nexttok": {"ignore_eos": True}})  # fmt: skip
+    text = free.choices[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    cut = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=12, temperature=0, stop=[stop, "zzz"],
+                                    extra_body={"nexttok": {"ignore_eos": True}})  # fmt: skip
+    assert cut.choices[0].finish_reason == "stop" and cut.model_extra["nexttok"]["choices"][0]["finish"] == "stop"
+    assert cut.choices[0].text == text[: text.index(stop)]
+
+
+def test_multi_turn_chat_equals_generate_on_the_template(client, tiny_lm):
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Who is there?"},
+        {"role": "assistant", "content": "Nay, answer me."},
+        {"role": "user", "content": "Long live the king!"},
+    ]
+    (steps,) = _steps(tiny_lm, tiny_lm.encode_chat(messages), SamplingConfig(temperature=0.9, seed=8, max_new_tokens=6))
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=6, temperature=0.9, seed=8)
+    assert r.choices[0].message.content == _text(steps)
+    assert r.usage.prompt_tokens == len(tiny_lm.encode_chat(messages))
+
+
+def test_logprobs_minus_one_is_the_whole_vocabulary_where_the_server_allows_it(tiny_model_dir, tiny_lm):
+    with running(_load(tiny_model_dir), served_model_name=NAME, max_logprobs=-1) as (base, _):
+        c = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        r = c.completions.create(model=NAME, prompt=PROMPT, max_tokens=1, logprobs=-1)
+        top = r.choices[0].logprobs.top_logprobs[0]
+        texts = {tiny_lm.token_text(i) for i in range(tiny_lm.vocab_size)}
+        assert len(top) == len(texts)  # every token (texts that decode alike share one key)
+        assert sum(math.exp(v) for v in top.values()) <= 1 + 1e-4

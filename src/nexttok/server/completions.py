@@ -108,11 +108,10 @@ class Flight:
 def plan_completion(lm: LM, req: CompletionRequest, limits: tr.Limits) -> Plan:
     ids_list = tr.prompts(lm, req.prompt)
     top = tr.check_logprobs(req.logprobs, lm, limits)
-    extra = req.nexttok.prompt_logprobs
-    # echo shows the prompt's own logprobs (scored by teacher forcing); the extension asks for them directly
-    asked = [k for k in (top if req.echo else None, None if extra is None else tr.check_logprobs(extra, lm, limits,
-             "nexttok.prompt_logprobs")) if k is not None]  # fmt: skip
-    prompt_top = max(asked) if asked else None
+    # echo shows the prompt with its logprobs (scored by teacher forcing); the extension asks for them directly
+    prompt_top = _prompt_top(lm, req.nexttok.prompt_logprobs, limits)
+    if req.echo:
+        prompt_top = max(top, prompt_top or 0)
     budgets = [tr.max_new(lm, req.max_tokens, len(ids), zero_ok=req.echo) for ids in ids_list]
     config, settings = tr.sampling_config(lm, req, budgets[0], limits)
     jobs = [
@@ -131,11 +130,13 @@ def plan_chat(lm: LM, req: ChatRequest, limits: tr.Limits) -> Plan:
     asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     budget = tr.max_new(lm, asked, len(ids), zero_ok=False)
     config, settings = tr.sampling_config(lm, req, budget, limits)
-    k = req.nexttok.prompt_logprobs
-    if k is not None:
-        k = tr.check_logprobs(k, lm, limits, "nexttok.prompt_logprobs")
-    job = Job(ids, config, n=req.n, trace=req.nexttok.trace, top=top, prompt_top=k)
+    prompt_top = _prompt_top(lm, req.nexttok.prompt_logprobs, limits)
+    job = Job(ids, config, n=req.n, trace=req.nexttok.trace, top=top, prompt_top=prompt_top)
     return Plan([job], req.n, req.logprobs, settings)
+
+
+def _prompt_top(lm: LM, asked: int | None, limits: tr.Limits) -> int | None:
+    return None if asked is None else tr.check_logprobs(asked, lm, limits, "nexttok.prompt_logprobs")
 
 
 def _with_budget(config, budget: int):
