@@ -21,6 +21,7 @@ from nexttok.distribution import Distribution
 from nexttok.errors import NexttokError
 from nexttok.report import predict_report
 from nexttok.server import completions as cm
+from nexttok.server import explore
 from nexttok.server import translate as tr
 from nexttok.server.metrics import Metrics
 from nexttok.server.scheduler import Scheduler
@@ -31,6 +32,8 @@ from nexttok.server.schemas import (
     ModelCard,
     ModelList,
     NextTokenRequest,
+    RanksRequest,
+    StagesRequest,
     TokenizeRequest,
 )
 
@@ -69,6 +72,7 @@ class State:
         self.lm: LM | None = None
         self.scheduler: Scheduler | None = None
         self.failed: str | None = None
+        self.scores = explore.ScoreCache()
         self.created = int(time.time())
         self._thread = threading.Thread(target=self._load, args=(load,), name="nexttok-load", daemon=True)
 
@@ -156,6 +160,18 @@ def _routes(app: FastAPI, state: State, auth) -> None:
         lm, scheduler = state.ready()
         _check_model(state, req.model)
         return await asyncio.wrap_future(scheduler.call(lambda: _next_token(lm, req)))
+
+    @app.post("/v1/stages", dependencies=secured)
+    async def stages(req: StagesRequest):
+        lm, scheduler = state.ready()
+        _check_model(state, req.model)
+        return await asyncio.wrap_future(scheduler.call(lambda: explore.stages(lm, scheduler, state.scores, req)))
+
+    @app.post("/v1/ranks", dependencies=secured)
+    async def ranks(req: RanksRequest):
+        lm, scheduler = state.ready()
+        _check_model(state, req.model)
+        return await asyncio.wrap_future(scheduler.call(lambda: explore.ranks(lm, scheduler, req)))
 
     @app.post("/tokenize", dependencies=secured)
     def tokenize(req: TokenizeRequest):

@@ -109,6 +109,36 @@ class NextTokenRequest(Strict):
     temperatures: list[float] = Field(default_factory=lambda: [1.0])
 
 
+class StagesRequest(Strict):
+    """``POST /v1/stages``: what each sampling stage keeps of the next-token distribution after a prompt (text,
+    messages or ids), from the prompt's cached last-position scores; with ``seed``, one token drawn from it."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    ids: list[int] | None = None
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] = Field(default_factory=dict)
+    top: int = Field(10, ge=1, le=1000)
+    seed: int | None = None
+
+
+class RanksRequest(Strict):
+    """``POST /v1/ranks``: each token of a text with its probability and rank given the tokens before it."""
+
+    model: str | None = None
+    prompt: str | None = None
+    ids: list[int] | None = None
+    top: int = Field(5, ge=0, le=100)
+
+
 class TokenizeRequest(Strict):
     model: str | None = None
     prompt: str | None = None

@@ -1,0 +1,128 @@
+"""What the playground asks for: the sampling stages re-applied to a prompt's cached scores (no new forward
+pass), a seeded draw from them with where its uniform number fell, and every token of a text by rank.
+
+The stages are nexttok's own processors (:func:`nexttok.processors.apply`), so no view can disagree with the CLI.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from nexttok.distribution import show_token
+from nexttok.errors import NexttokError
+from nexttok.processors import apply_traced, build_processors
+from nexttok.samples import resolve_bias
+from nexttok.sampling import SamplingConfig, draw, make_generators
+from nexttok.server import translate as tr
+
+if TYPE_CHECKING:
+    from nexttok.lm import LM
+    from nexttok.server.scheduler import Scheduler
+    from nexttok.server.schemas import RanksRequest, StagesRequest
+
+# Rank buckets of the colour view (GLTR's): top 10, top 100, top 1000, beyond.
+BUCKETS = (10, 100, 1000)
+
+
+class ScoreCache:
+    """The last-position logits (V,) of recent prompts, by their ids: a slider moved on the page re-applies the
+    stages to these, with no forward pass. ``forwards`` counts the model calls it made."""
+
+    def __init__(self, size: int = 64):
+        self.size, self.forwards = size, 0
+        self._items: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+
+    def get(self, lm: LM, ids: list[int]) -> tuple[torch.Tensor, bool]:
+        """The logits after ``ids`` and whether they were cached (call on the model's thread)."""
+        key = tuple(ids)
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key], True
+        logits = lm.last_logits(ids).float()  # (V,)
+        self.forwards += 1
+        self._items[key] = logits
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return logits, False
+
+
+def request_ids(lm: LM, req) -> list[int]:
+    given = [x for x in (req.prompt, getattr(req, "messages", None), req.ids) if x is not None]
+    if len(given) != 1:
+        raise NexttokError("give exactly one of prompt, messages and ids", param="prompt")
+    if req.ids is not None:
+        return tr.prompt_ids(lm, req.ids)
+    if getattr(req, "messages", None) is not None:
+        return tr.chat_ids(lm, req.messages)
+    return lm.encode(req.prompt)
+
+
+def _token(lm: LM, i: int, prob: float) -> dict[str, Any]:
+    text = lm.token_text(i)
+    return {"id": i, "text": text, "shown": show_token(text), "prob": prob}
+
+
+def stages(lm: LM, scheduler: Scheduler, cache: ScoreCache, req: StagesRequest) -> dict[str, Any]:
+    """The stage records of ``req``'s settings over its prompt's cached scores (on the model's thread)."""
+    ids = request_ids(lm, req)
+    bias = {int(k) if k.isdigit() else k: v for k, v in req.logit_bias.items()}
+    names = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty")  # fmt: skip
+    config = SamplingConfig(**{n: getattr(req, n) for n in names}, logit_bias=bias, seed=req.seed)
+    logits, cached = cache.get(lm, ids)
+    processors = build_processors(config, resolve_bias(lm, config.logit_bias))
+    processed, records, _ = apply_traced(processors, torch.tensor([ids]), logits[None], trace=True)
+    rows = []
+    for r in records[0]:
+        rows.append({"name": r.name, "survivors": r.survivors, "mass_removed": r.mass_removed, "entropy": r.entropy})
+    final = torch.softmax(processed[0], -1)  # (V,): what a draw samples from
+    kept = torch.isfinite(processed[0])
+    top = torch.topk(torch.softmax(logits, -1), min(req.top, lm.vocab_size))
+    candidates = [
+        {**_token(lm, i, p), "rank": n + 1, "kept": bool(kept[i]), "final_prob": float(final[i])}
+        for n, (i, p) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+    ]
+    out = {"prompt_ids": ids, "cached": cached, "greedy": config.greedy, "stages": rows, "candidates": candidates}
+    if req.seed is not None:
+        out["sample"] = _sample(lm, processed, req.seed, config.greedy)
+    return out
+
+
+def _sample(lm: LM, processed: torch.Tensor, seed: int, greedy: bool) -> dict[str, Any]:
+    """One token drawn from (1, V) ``processed`` with ``seed`` (generate's first draw with that seed), and
+    where its uniform number fell: the cumulative probability before and after the token, best first."""
+    chosen, uniform = draw(processed, None if greedy else make_generators([seed]))
+    token = int(chosen[0])
+    probs = torch.softmax(processed[0], -1)
+    better = processed[0] > processed[0, token]  # ties come before by id, as the draw orders them
+    tied_before = (processed[0] == processed[0, token]) & (torch.arange(len(probs)) < token)
+    before = float(probs[better | tied_before].sum())
+    return {**_token(lm, token, float(probs[token])), "seed": seed, "uniform": None if uniform is None else uniform[0],
+            "cdf_before": before, "cdf_after": before + float(probs[token])}  # fmt: skip
+
+
+def ranks(lm: LM, scheduler: Scheduler, req: RanksRequest) -> dict[str, Any]:
+    """Each token of the text after the first: its probability and rank given those before, its bucket, and the
+    ``top`` alternatives there (one forward pass, teacher forcing; on the model's thread)."""
+    ids = request_ids(lm, req)
+    rows = [{**_token(lm, ids[0], 1.0), "prob": None, "rank": None, "bucket": None, "top": []}]
+    if len(ids) > 1:
+        logp = torch.log_softmax(scheduler.decoder.score(ids, range(len(ids) - 1)), -1)  # (T - 1, V)
+        chosen = logp.gather(1, torch.tensor(ids[1:])[:, None])  # (T - 1, 1)
+        rank = ((logp > chosen).sum(-1) + 1).tolist()
+        alts = torch.topk(logp, min(req.top, lm.vocab_size), -1) if req.top else None
+        for t, token in enumerate(ids[1:]):
+            top = (
+                []
+                if alts is None
+                else [_token(lm, int(i), float(v.exp())) for i, v in zip(alts.indices[t], alts.values[t], strict=True)]
+            )  # noqa: E501
+            bucket = next((f"top-{b}" for b in BUCKETS if rank[t] <= b), "beyond")
+            rows.append({**_token(lm, token, float(chosen[t].exp())), "rank": rank[t], "bucket": bucket, "top": top})
+    counts = {f"top-{b}": 0 for b in BUCKETS} | {"beyond": 0}
+    for row in rows[1:]:
+        counts[row["bucket"]] += 1
+    return {"tokens": rows, "buckets": counts, "thresholds": list(BUCKETS)}
