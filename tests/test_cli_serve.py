@@ -61,3 +61,22 @@ def test_another_host_than_loopback_warns(monkeypatch, tiny_model_dir):
     assert r.stderr.count("\n") == 1 and "warning: listening on 0.0.0.0" in r.stderr
     quiet = CliRunner().invoke(app, ["serve", "--model", str(tiny_model_dir)])
     assert quiet.exit_code == 0 and "warning" not in quiet.stderr
+
+
+def test_playground_serves_the_page_on_a_free_loopback_port_and_prints_its_url(tiny_model_dir):
+    cmd = [sys.executable, "-m", "nexttok", "playground", "--model", str(tiny_model_dir), "--no-open"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        assert line.startswith("nexttok playground: http://127.0.0.1:")
+        url = line.split()[2]
+        wait_healthy(url.rstrip("/"), 180)
+        page = httpx.get(url, timeout=10)
+        assert page.status_code == 200 and "nexttok playground" in page.text
+        assert httpx.get(url + "web/playground.js", timeout=10).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import signal
+import socket
+import threading
 from typing import Annotated
 
 import typer
@@ -53,8 +56,6 @@ def serve(
     device: DeviceOpt = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API that shows the whole distribution."""
-    import uvicorn
-
     from nexttok.lm import load
     from nexttok.server.app import ServeSettings, create_app
 
@@ -71,11 +72,53 @@ def serve(
         served_model_name=served_model_name, api_key=api_key or None, max_logprobs=max_logprobs, max_n=max_n,
         max_batch=max_batch, max_queue=max_queue, max_body=max_body,
     )  # fmt: skip
-    server = create_app(lambda: load(model, dtype=dtype, threads=threads, device=device), settings)
-    config = uvicorn.Config(
-        server, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout
-    )
+    app_ = create_app(lambda: load(model, dtype=dtype, threads=threads, device=device), settings)
+    _run(app_, host, port, log_level, shutdown_timeout)
+
+
+def _run(app_, host: str, port: int, log_level: str, shutdown_timeout: float, on_ready=None) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(app_, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout)
     # uvicorn drains on SIGTERM, then raises the signal again to whatever handler was there before it: this
     # one, so that a drained server exits 0 rather than dying of the signal.
     signal.signal(signal.SIGTERM, lambda *_: None)
+    if on_ready:
+        threading.Thread(target=on_ready, daemon=True).start()
     uvicorn.Server(config).run()
+
+
+@app.command()
+def playground(
+    model: ModelOpt = None,
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: a free one).")] = 0,
+    open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open the page in the browser.")] = True,
+    dtype: DtypeOpt = "float32",
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Watch and steer next-token prediction in the browser: `nexttok serve` on loopback, and its page."""
+    from nexttok.lm import load
+    from nexttok.server.app import create_app
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/"
+
+    def ready() -> None:
+        import time
+        import webbrowser
+
+        for _ in range(600):  # until uvicorn listens (the page then says when the model is still loading)
+            with socket.socket() as s, contextlib.suppress(OSError):
+                s.connect(("127.0.0.1", port))
+                break
+            time.sleep(0.1)
+        typer.echo(f"nexttok playground: {url} (Ctrl+C stops it)", err=True)
+        if not (open_browser and webbrowser.open(url)):
+            typer.echo(f"open {url} in a browser", err=True)
+
+    app_ = create_app(lambda: load(model, dtype=dtype, threads=threads, device=device))
+    _run(app_, "127.0.0.1", port, "warning", 5.0, on_ready=ready)

@@ -10,11 +10,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
 from nexttok.distribution import Distribution
@@ -126,6 +128,13 @@ def create_app(load: Callable[[], LM], settings: ServeSettings | None = None) ->
 
 def _routes(app: FastAPI, state: State, auth) -> None:
     secured = [Depends(auth)]
+
+    web = files("nexttok").joinpath("web")
+    app.mount("/web", StaticFiles(directory=str(web)), name="web")
+
+    @app.get("/", include_in_schema=False)
+    def page():
+        return FileResponse(str(web.joinpath("index.html")))
 
     @app.get("/health")
     def health():
