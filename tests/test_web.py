@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import httpx
 import pytest
 from serving import running
 
@@ -113,3 +114,24 @@ def test_a_bad_setting_is_one_line_in_the_page(page):
     message = page.find_element("id", "error").text
     assert message.startswith("top_k:") and "\n" not in message
     page.execute_script("const e = document.getElementById('top_k'); e.value = 0; e.dispatchEvent(new Event('input'));")
+
+
+def test_the_colour_view_counts_each_bucket_as_the_api_does(page):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    text = "Whether 'tis nobler in the mind to suffer the slings"
+    page.execute_script(
+        f"document.getElementById('prompt').value = {text!r}; document.getElementById('coloured').dataset.buckets = '';"
+    )
+    page.find_element("id", "colour").click()
+    WebDriverWait(page, 30).until(lambda d: d.find_element("id", "coloured").get_attribute("data-buckets"))
+    base = page.current_url.rstrip("/")
+    api = httpx.post(f"{base}/v1/ranks", json={"prompt": text}, timeout=30).json()["buckets"]
+    spans = page.find_elements("css selector", "#coloured span")
+    shown = {b: sum(1 for s in spans if s.get_attribute("class") == b) for b in api}
+    assert shown == api and sum(api.values()) == len(spans) - 1  # every token but the first has a bucket
+    assert "".join(s.get_attribute("textContent") for s in spans) == text
+    spans[3].click()
+    assert page.find_element("id", "alternatives").text.startswith(
+        spans[3].get_attribute("textContent").replace(" ", "␣")
+    )

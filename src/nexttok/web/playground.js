@@ -96,7 +96,32 @@ async function find() {
   }
 }
 
+async function colour() {
+  $("error").textContent = "";
+  try {
+    const r = await call("/v1/ranks", { prompt: $("prompt").value, top: 5 });
+    const out = $("coloured");
+    out.replaceChildren();
+    for (const t of r.tokens) {
+      const span = document.createElement("span");
+      span.textContent = t.text;
+      span.className = t.bucket || "first";
+      span.tabIndex = 0;
+      const alts = t.top.map((a) => `${shown(a.text)} ${a.prob.toFixed(3)}`).join("  ");
+      span.title = t.rank ? `rank ${t.rank}, p ${t.prob.toFixed(4)}; the model expected: ${alts}` : "the first token";
+      const tell = () => { $("alternatives").textContent = `${shown(t.text)}: ${span.title}`; };
+      span.addEventListener("mouseenter", tell);
+      span.addEventListener("focus", tell);
+      out.append(span);
+    }
+    out.dataset.buckets = JSON.stringify(r.buckets);
+  } catch (e) {
+    $("error").textContent = e.message;
+  }
+}
+
 $("predict").addEventListener("click", refresh);
+$("colour").addEventListener("click", colour);
 $("sample").addEventListener("click", sample);
 $("find").addEventListener("click", find);
 $("undo").addEventListener("click", () => {
