@@ -106,14 +106,18 @@ def load_level(base: str, reqs: list[dict], clients: int, rounds: int) -> dict:
         t.start()
     for t in threads:
         t.join(600)
-    wall = time.perf_counter() - t0
+    return summarize(results, clients, time.perf_counter() - t0)
+
+
+def summarize(results: list[dict], clients: int, seconds: float) -> dict:
+    """A level's record from its requests' results: counts, tokens/s over ``seconds``, sorted latencies."""
     ok = [r for r in results if "error" not in r]
+    tokens = sum(r["tokens"] for r in ok)
     ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
-    gaps = sorted(g for r in ok for g in r["gaps"])
     return {
         "clients": clients, "requests": len(results), "errors": [r["error"] for r in results if "error" in r],
-        "busy": sum(r["busy"] for r in results), "tokens": sum(r["tokens"] for r in ok),
-        "tok_s": sum(r["tokens"] for r in ok) / wall, "ttft": ttft, "gaps": gaps,
+        "busy": sum(r["busy"] for r in results), "tokens": tokens, "tok_s": tokens / seconds,
+        "ttft": ttft, "gaps": sorted(g for r in ok for g in r["gaps"]),
     }  # fmt: skip
 
 
@@ -215,13 +219,7 @@ def interleaved(base: str, lm, reqs: list[dict], texts: list[str], count: int) -
         t0 = time.perf_counter()
         tokens += sum(1 for _ in generate(lm, texts[i], config))
         spent += time.perf_counter() - t0
-    ok = [r for r in served if "error" not in r]
-    level = {
-        "clients": 1, "requests": count, "errors": [r["error"] for r in served if "error" in r], "busy": 0,
-        "tokens": sum(r["tokens"] for r in ok), "tok_s": sum(r["tokens"] for r in ok) / t_served,
-        "ttft": sorted(r["ttft"] for r in ok), "gaps": sorted(g for r in ok for g in r["gaps"]),
-    }  # fmt: skip
-    return level, tokens / spent
+    return summarize(served, 1, t_served), tokens / spent
 
 
 def main() -> None:

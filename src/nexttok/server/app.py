@@ -174,7 +174,7 @@ def _routes(app: FastAPI, state: State, auth) -> None:
     async def stages(req: StagesRequest):
         lm, scheduler = state.ready()
         _check_model(state, req.model)
-        return await asyncio.wrap_future(scheduler.call(lambda: explore.stages(lm, scheduler, state.scores, req)))
+        return await asyncio.wrap_future(scheduler.call(lambda: explore.stages(lm, state.scores, req)))
 
     @app.post("/v1/ranks", dependencies=secured)
     async def ranks(req: RanksRequest):
@@ -241,43 +241,27 @@ def _check_model(state: State, name: str | None) -> None:
 
 def _next_token(lm: LM, req: NextTokenRequest) -> dict[str, Any]:
     """``nexttok predict --json`` for the request (on the model's thread)."""
-    if (req.prompt is None) == (req.messages is None):
-        raise NexttokError("give exactly one of prompt and messages", param="prompt")
     for t in req.temperatures:
         if not t > 0:
             raise NexttokError(f"temperatures must be > 0 (got {t})", param="temperatures")
-    if req.prompt is not None:
-        text, chat, base = req.prompt, False, lm.distribution(req.prompt)
-    else:
-        ids = tr.chat_ids(lm, req.messages)
-        text, chat = lm.tokenizer.decode(ids), True
-        base = Distribution(lm.last_logits(ids), lm, ids)
+    ids = tr.request_ids(lm, req)
+    chat = req.messages is not None
+    text = lm.tokenizer.decode(ids) if chat else req.prompt
+    base = Distribution(lm.last_logits(ids), lm, ids)
     dists = [base.with_temperature(t) for t in req.temperatures or [1.0]]
     return predict_report(lm, text, chat, dists, req.top, list(req.tokens))
 
 
 def _tokenize(lm: LM, req: TokenizeRequest) -> dict[str, Any]:
-    if (req.prompt is None) == (req.messages is None):
-        raise NexttokError("give exactly one of prompt and messages", param="prompt")
-    if req.messages is not None:
-        ids = tr.chat_ids(lm, req.messages, req.add_generation_prompt)
-        text = lm.tokenizer.decode(ids)
-    else:
-        text, ids = req.prompt, lm.encode(req.prompt)
-    spans = _spans(lm, ids, text)
+    ids = tr.request_ids(lm, req, req.add_generation_prompt)
+    text = req.prompt if req.messages is None else lm.tokenizer.decode(ids)
+    starts = tr.offsets(lm, ids)
+    ends = [*starts[1:], len(lm.tokenizer.decode(ids))]
     rows = [
         {"index": i, "id": t, "text": lm.token_text(t), "bytes": list(lm.token_bytes(t)), "start": a, "end": b}
-        for i, (t, (a, b)) in enumerate(zip(ids, spans, strict=True))
+        for i, (t, a, b) in enumerate(zip(ids, starts, ends, strict=True))
     ]
     return {"tokens": rows, "count": len(ids), "max_model_len": lm.context_length, "text": text}
-
-
-def _spans(lm: LM, ids: list[int], text: str) -> list[tuple[int, int]]:
-    """Each token's character span in ``text``, from the decoded prefix lengths."""
-    decode, ends = lm.tokenizer.decode, []
-    for i in range(1, len(ids) + 1):
-        ends.append(len(decode(ids[:i])))
-    return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
 # --- errors, auth, limits, counting ---------------------------------------------------------------------------

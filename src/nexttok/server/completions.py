@@ -62,6 +62,11 @@ class Plan:
     logprobs: bool  # the answer carries logprobs (``top`` alternatives per token)
     settings: dict[str, Any]
     echo: bool = False
+    echoed: list[str] = field(default_factory=list)  # with echo: each prompt's text, decoded once
+
+    def echo_text(self, choice: int) -> str:
+        """The prompt text a choice's answer starts with ("" without echo)."""
+        return self.echoed[choice // self.n] if self.echo else ""
 
 
 class Flight:
@@ -95,7 +100,6 @@ class Flight:
                 i, (kind, payload) = await self.queue.get()
                 if kind in ("done", "error"):
                     left -= 1
-                    self.plan.jobs[i].emit = lambda event: None  # nothing more is read
                 yield i, kind, payload
         finally:
             for job in self.plan.jobs:
@@ -119,7 +123,8 @@ def plan_completion(lm: LM, req: CompletionRequest, limits: tr.Limits) -> Plan:
             top=top, prompt_top=prompt_top)
         for ids, budget in zip(ids_list, budgets, strict=True)
     ]  # fmt: skip
-    return Plan(jobs, req.n, req.logprobs is not None, settings, echo=req.echo)
+    echoed = [lm.tokenizer.decode(ids) for ids in ids_list] if req.echo else []
+    return Plan(jobs, req.n, req.logprobs is not None, settings, echo=req.echo, echoed=echoed)
 
 
 def plan_chat(lm: LM, req: ChatRequest, limits: tr.Limits) -> Plan:
@@ -186,34 +191,25 @@ def _extension(lm: LM, plan: Plan, choices: list[Choice], decoder: str) -> dict[
     return {**plan.settings, "decoder": decoder, "choices": rows}
 
 
-def offsets(lm: LM, ids: list[int], start: int = 0) -> list[int]:
-    """Each token's character offset in the text of ``ids`` (plus ``start``)."""
-    decode = lm.tokenizer.decode
-    return [start + len(decode(ids[:i])) for i in range(len(ids))]
-
-
-def _legacy(lm: LM, plan: Plan, c: Choice, prompt_ids: list[int]) -> LegacyLogprobs:
+def _legacy(lm: LM, plan: Plan, c: Choice) -> LegacyLogprobs:
     out = LegacyLogprobs()
-    gen_ids = [s.id for s in c.steps]
     if plan.echo and c.prompt is not None:
         out.tokens += [lm.token_text(t.id) for t in c.prompt]
         out.token_logprobs += [t.logprob for t in c.prompt]
         out.top_logprobs += [None] + [{lm.token_text(i): lp for i, lp in t.top} for t in c.prompt[1:]]
-        out.text_offset += offsets(lm, prompt_ids)
-    start = len(lm.tokenizer.decode(prompt_ids)) if plan.echo else 0
+        out.text_offset += tr.offsets(lm, [t.id for t in c.prompt])
     out.tokens += [s.text for s in c.steps]
     out.token_logprobs += [s.logprob for s in c.steps]
     out.top_logprobs += [tr.legacy_top(s.alternatives) for s in c.steps]
-    out.text_offset += offsets(lm, gen_ids, start)
+    out.text_offset += tr.offsets(lm, [s.id for s in c.steps], len(plan.echo_text(c.index)))
     return out
 
 
 def completion_body(lm: LM, plan: Plan, choices: list[Choice], model: str, decoder: str) -> Completion:
     out = []
     for c in choices:
-        ids = plan.jobs[c.index // plan.n].ids
-        text = (lm.tokenizer.decode(ids) if plan.echo else "") + c.text
-        logprobs = _legacy(lm, plan, c, ids) if plan.logprobs else None
+        text = plan.echo_text(c.index) + c.text
+        logprobs = _legacy(lm, plan, c) if plan.logprobs else None
         out.append(CompletionChoice(index=c.index, text=text, logprobs=logprobs, finish_reason=tr.finish(c.reason)))
     return Completion(
         id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model, choices=out,
@@ -281,12 +277,11 @@ async def stream(lm: LM, flight: Flight, model: str, include_usage: bool, chat_l
 
 def from_prompt(lm: LM, plan: Plan, job: int, scored: list[PromptToken], head: dict) -> str:
     """The echoed prompt of a streamed completion, as its first chunk per choice."""
-    ids = plan.jobs[job].ids
     rows = []
     for s in range(plan.n):
         c = Choice(job * plan.n + s, prompt=scored)
-        lp = _legacy(lm, plan, c, ids) if plan.logprobs and plan.echo else None
-        text = lm.tokenizer.decode(ids) if plan.echo else ""
+        lp = _legacy(lm, plan, c) if plan.logprobs and plan.echo else None
+        text = plan.echo_text(c.index)
         rows.append(
             {"index": c.index, "text": text, "logprobs": lp.model_dump() if lp else None, "finish_reason": None}
         )
@@ -307,8 +302,7 @@ def _chunk(lm: LM, plan: Plan, c: Choice, step: Step, head: dict, chat: bool, lo
         return ChatChunk(**head, choices=[row], nexttok=ext).model_dump(exclude_none=True)
     lp = None
     if plan.logprobs and not eos:
-        echoed = len(lm.tokenizer.decode(plan.jobs[c.index // plan.n].ids)) if plan.echo else 0
-        start = echoed + len(c.text) - len(step.delta)
+        start = len(plan.echo_text(c.index)) + len(c.text) - len(step.delta)
         top = [tr.legacy_top(step.alternatives)]
         lp = LegacyLogprobs(tokens=[step.text], token_logprobs=[step.logprob], top_logprobs=top, text_offset=[start])
         lp = lp.model_dump()

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from nexttok.distribution import show_token
-from nexttok.errors import NexttokError
 from nexttok.processors import apply_traced, build_processors
 from nexttok.samples import resolve_bias
 from nexttok.sampling import SamplingConfig, draw, make_generators
@@ -49,25 +48,14 @@ class ScoreCache:
         return logits, False
 
 
-def request_ids(lm: LM, req) -> list[int]:
-    given = [x for x in (req.prompt, getattr(req, "messages", None), req.ids) if x is not None]
-    if len(given) != 1:
-        raise NexttokError("give exactly one of prompt, messages and ids", param="prompt")
-    if req.ids is not None:
-        return tr.prompt_ids(lm, req.ids)
-    if getattr(req, "messages", None) is not None:
-        return tr.chat_ids(lm, req.messages)
-    return lm.encode(req.prompt)
-
-
 def _token(lm: LM, i: int, prob: float) -> dict[str, Any]:
     text = lm.token_text(i)
     return {"id": i, "text": text, "shown": show_token(text), "prob": prob}
 
 
-def stages(lm: LM, scheduler: Scheduler, cache: ScoreCache, req: StagesRequest) -> dict[str, Any]:
+def stages(lm: LM, cache: ScoreCache, req: StagesRequest) -> dict[str, Any]:
     """The stage records of ``req``'s settings over its prompt's cached scores (on the model's thread)."""
-    ids = request_ids(lm, req)
+    ids = tr.request_ids(lm, req)
     bias = {int(k) if k.isdigit() else k: v for k, v in req.logit_bias.items()}
     names = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
              "frequency_penalty")  # fmt: skip
@@ -107,7 +95,7 @@ def _sample(lm: LM, processed: torch.Tensor, seed: int, greedy: bool) -> dict[st
 def ranks(lm: LM, scheduler: Scheduler, req: RanksRequest) -> dict[str, Any]:
     """Each token of the text after the first: its probability and rank given those before, its bucket, and the
     ``top`` alternatives there (one forward pass, teacher forcing; on the model's thread)."""
-    ids = request_ids(lm, req)
+    ids = tr.request_ids(lm, req)
     rows = [{**_token(lm, ids[0], 1.0), "prob": None, "rank": None, "bucket": None, "top": []}]
     if len(ids) > 1:
         logp = torch.log_softmax(scheduler.decoder.score(ids, range(len(ids) - 1)), -1)  # (T - 1, V)

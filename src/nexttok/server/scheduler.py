@@ -148,13 +148,16 @@ class Scheduler:
             job.emit(("error", NexttokError("the server is shutting down; retry against another server")))
 
     def _admissible(self) -> bool:
-        return bool(self.waiting) and (
-            self.waiting[0].cancelled or self.busy_rows + self.waiting[0].n <= self.max_batch or not self.running
-        )
+        return bool(self.waiting) and self._fits(self.waiting[0], self.busy_rows)
+
+    def _fits(self, job: Job, rows: int) -> bool:
+        """Whether ``job`` leaves the queue now, with ``rows`` rows busy: a cancelled one always (it is dropped),
+        one that fits in --max-batch, or any when nothing runs (a request wider than the batch runs alone)."""
+        return job.cancelled or rows + job.n <= self.max_batch or not rows
 
     def _admit(self) -> list[Job]:
         admitted, rows = [], self.busy_rows
-        while self.waiting and (self.waiting[0].cancelled or rows + self.waiting[0].n <= self.max_batch or not rows):
+        while self.waiting and self._fits(self.waiting[0], rows):
             job = self.waiting.popleft()
             if not job.cancelled:
                 admitted.append(job)

@@ -135,6 +135,20 @@ def chat_ids(lm: LM, messages: list[Message], add_generation_prompt: bool = True
         raise NexttokError(f"the model's chat template cannot render these messages: {e}", param="messages") from None
 
 
+def request_ids(lm: LM, req, add_generation_prompt: bool = True) -> list[int]:
+    """The token ids of a request that gives exactly one of ``prompt`` (text), ``messages`` or ``ids`` (as its
+    schema has them)."""
+    fields = [f for f in ("prompt", "messages", "ids") if f in type(req).model_fields]
+    given = [f for f in fields if getattr(req, f) is not None]
+    if len(given) != 1:
+        raise NexttokError(f"give exactly one of {', '.join(fields[:-1])} and {fields[-1]}", param="prompt")
+    if given[0] == "ids":
+        return prompt_ids(lm, req.ids)
+    if given[0] == "messages":
+        return chat_ids(lm, req.messages, add_generation_prompt)
+    return lm.encode(req.prompt)
+
+
 def max_new(lm: LM, asked: int | None, n_prompt: int, zero_ok: bool) -> int:
     """The request's new-token budget: ``asked`` (None: what the context leaves), checked against the context."""
     left = None if lm.context_length is None else lm.context_length - n_prompt
@@ -155,6 +169,12 @@ def max_new(lm: LM, asked: int | None, n_prompt: int, zero_ok: bool) -> int:
 
 
 # --- Steps into OpenAI's shapes -------------------------------------------------------------------------
+
+
+def offsets(lm: LM, ids: list[int], start: int = 0) -> list[int]:
+    """Each token's character offset in the text of ``ids`` (plus ``start``): the decoded prefixes' lengths."""
+    decode = lm.tokenizer.decode
+    return [start + len(decode(ids[:i])) for i in range(len(ids))]
 
 
 def token_extension(step: Step) -> dict[str, Any]:
