@@ -27,14 +27,15 @@ def wait_healthy(base: str, seconds: float = 120.0) -> None:
 
 
 @contextlib.contextmanager
-def running(load, wait: bool = True, **settings):
-    """Serve ``load()``'s LM with ``ServeSettings(**settings)``; yields (base URL, app); stops it after."""
+def running(load, wait: bool = True, port: int | None = None, **settings):
+    """Serve ``load()``'s LM (or a dict of loaders by name) with ``ServeSettings(**settings)`` on ``port`` (default
+    a free one); yields (base URL, app); stops it after."""
     import uvicorn
 
     from nexttok.server.app import ServeSettings, create_app
 
     app = create_app(load, ServeSettings(**settings))
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

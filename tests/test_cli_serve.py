@@ -44,7 +44,12 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(tiny_model_dir):
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--max-batch", "0"], "--max-batch must be at least 1"), (["--port", "70000"], "--port must be in 0..65535")],
+    [
+        (["--max-batch", "0"], "--max-batch must be at least 1"),
+        (["--port", "70000"], "--port must be in 0..65535"),
+        (["-m", "default", "-m", "default"], "would both be served as ['default', 'default']"),
+        (["--served-model-name", "a", "--served-model-name", "b"], "2 --served-model-name for 1 --model"),
+    ],
 )
 def test_bad_options_are_one_line_and_exit_2(args, message):
     r = CliRunner().invoke(app, ["serve", *args])
@@ -80,3 +85,24 @@ def test_playground_serves_the_page_on_a_free_loopback_port_and_prints_its_url(t
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_two_models_are_served_by_name_and_compared(tiny_model_dir, tmp_path):
+    from conftest import make_tiny_model
+
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    port = free_port()
+    cmd = [sys.executable, "-m", "nexttok", "serve", "-m", str(tiny_model_dir), "-m", str(other), "--port", str(port),
+           "--served-model-name", "base", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, 180)
+        assert [m["id"] for m in httpx.get(f"{base}/v1/models").json()["data"]] == ["base", str(other)]
+        r = httpx.post(f"{base}/v1/compare", json={"prompt": "To be"}, timeout=60).json()
+        assert (r["a"], r["b"]) == ("base", str(other)) and r["kl_ab_nats"] > 0
+        body = {"model": str(other), "prompt": "To be", "max_tokens": 3, "temperature": 0}
+        assert httpx.post(f"{base}/v1/completions", json=body, timeout=60).json()["model"] == str(other)
+    finally:
+        proc.terminate()
+        proc.wait(60)

@@ -33,9 +33,9 @@ def test_stages_are_the_librarys_and_a_slider_needs_no_forward_pass(server, tiny
     assert [s["name"] for s in first["stages"]] == [r.name for r in want]
     assert [s["survivors"] for s in first["stages"]] == [r.survivors for r in want]
     assert [s["entropy"] for s in first["stages"]] == pytest.approx([r.entropy for r in want], abs=1e-5)
-    forwards = server[1].scores.forwards
+    forwards = server[1].served().scores.forwards
     hot = _post(server, "/v1/stages", {"prompt": PROMPT, "temperature": 2.0})
-    assert hot["cached"] and server[1].scores.forwards == forwards  # the same prompt: no model call
+    assert hot["cached"] and server[1].served().scores.forwards == forwards  # the same prompt: no model call
     assert hot["stages"][-1]["entropy"] == pytest.approx(
         tiny_lm.distribution(PROMPT, temperature=2.0).entropy, abs=1e-5
     )
@@ -77,3 +77,50 @@ def test_ranks_bucket_every_token_as_the_distribution_ranks_it(server, tiny_lm):
 def test_bad_settings_are_a_400_naming_the_field(server, body, param):
     r = httpx.post(f"{server[0]}/v1/stages", json=body, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_compare_equals_nexttok_compare_and_names_its_models(tiny_model_dir, tmp_path_factory, tiny_lm):
+    from conftest import make_tiny_model
+
+    import nexttok
+    from nexttok.compare import compare
+
+    other = make_tiny_model(tmp_path_factory.mktemp("tiny-b"), seed=1)
+    loads = {"a": lambda: nexttok.load(str(tiny_model_dir)), "b": lambda: nexttok.load(str(other))}
+    with running(loads) as (base, _):
+        server = (base, None)
+        got = _post(server, "/v1/compare", {"prompt": PROMPT, "top": 5, "moves": 3})
+        want = compare(tiny_lm, nexttok.load(str(other)), PROMPT, top=5, moves=3)
+        assert (got["a"], got["b"]) == ("a", "b")
+        assert got["kl_ab_nats"] == pytest.approx(want.kl_ab, rel=1e-5)
+        assert got["js_bits"] == pytest.approx(want.js_bits, rel=1e-5)
+        assert [c["id"] for c in got["candidates"]] == [c.id for c in want.rows]
+        assert [c["id"] for c in got["gains"]] == [c.id for c in want.gains]
+        same = _post(server, "/v1/compare", {"prompt": PROMPT, "a": "b", "b": "b"})
+        assert same["kl_ab_nats"] == pytest.approx(0, abs=1e-6) and same["b_top_rank_under_a"] == 1
+        # Each model answers by its own name; one not served is a 404 that lists those that are.
+        ids = tiny_lm.encode(PROMPT)
+        r = _post(server, "/v1/stages", {"model": "b", "ids": ids})
+        assert [c["id"] for c in r["candidates"]] == [x.id for x in nexttok.load(str(other)).distribution(ids).top(10)]
+        missing = httpx.post(f"{base}/v1/compare", json={"prompt": PROMPT, "b": "c"}, timeout=30)
+        assert missing.status_code == 404 and "serves 'a', 'b'" in missing.json()["error"]["message"]
+
+
+def test_compare_on_one_model_says_how_to_serve_two(server):
+    r = httpx.post(f"{server[0]}/v1/compare", json={"prompt": PROMPT}, timeout=30)
+    assert r.status_code == 400 and "--model A --model B" in r.json()["error"]["message"]
+
+
+def test_stages_report_the_entropy_and_the_90_percent_cover(server, tiny_lm):
+    got = _post(server, "/v1/stages", {"prompt": PROMPT})
+    dist = tiny_lm.distribution(PROMPT)
+    assert got["entropy"] == pytest.approx(dist.entropy, abs=1e-5) and got["cover_90"] == dist.mass_cover(0.9)
+    assert got["context"] == tiny_lm.tokenizer.decode(tiny_lm.encode(PROMPT))
+
+
+def test_generated_tokens_carry_their_alternatives_by_id(server, tiny_lm):
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "temperature": 0, "logprobs": 3}
+    first = _post(server, "/v1/completions", body)["nexttok"]["choices"][0]["tokens"][0]
+    want = tiny_lm.distribution(PROMPT).top(3)
+    assert [a["id"] for a in first["alternatives"]] == [r.id for r in want]
+    assert [a["prob"] for a in first["alternatives"]] == pytest.approx([r.prob for r in want], abs=1e-5)

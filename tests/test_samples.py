@@ -30,3 +30,10 @@ def test_requests_of_equal_settings_are_picked_in_one_batch_and_draw_as_alone(ti
                 (s.id, s.uniform, s.rank, len(s.alternatives)) for s in s2
             ]
             assert [s.logprob for s in s1] == pytest.approx([s.logprob for s in s2], abs=1e-6)
+
+
+def test_fresh_seeds_survive_json_in_javascript(tiny_lm):
+    from nexttok.samples import _seeds
+
+    seeds = _seeds(SamplingConfig(), 16)
+    assert len(set(seeds)) == 16 and max(seeds) < 2**53  # a double (JavaScript's number) is exact below 2**53

@@ -274,7 +274,7 @@ def test_batched_steps_really_batch(server, client):
 
 
 def test_a_client_that_goes_away_frees_its_row(server):
-    scheduler = server[1].state.nexttok.scheduler
+    scheduler = server[1].state.nexttok.served().scheduler
     body = {"model": NAME, "prompt": PROMPT, "max_tokens": 200, "stream": True, "nexttok": {"ignore_eos": True}}
     with httpx.stream("POST", f"{server[0]}/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
@@ -375,13 +375,13 @@ def test_api_key(tiny_model_dir):
 def test_a_full_queue_is_429_with_retry_after_and_a_retry_succeeds(tiny_model_dir):
     with running(_load(tiny_model_dir), served_model_name=NAME, max_batch=1, max_queue=1) as (base, app):
         gate = threading.Event()
-        app.state.nexttok.scheduler.call(lambda: gate.wait(30))  # the model's thread is busy: requests queue
+        app.state.nexttok.served().scheduler.call(lambda: gate.wait(30))  # the model's thread is busy: requests queue
         waiting: list = []
         ask = {"model": NAME, "prompt": PROMPT, "max_tokens": 3}
         first = threading.Thread(target=lambda: waiting.append(httpx.post(f"{base}/v1/completions", json=ask)))
         first.start()
         end = time.monotonic() + 10
-        while not app.state.nexttok.scheduler.waiting and time.monotonic() < end:
+        while not app.state.nexttok.served().scheduler.waiting and time.monotonic() < end:
             time.sleep(0.01)
         r = httpx.post(f"{base}/v1/completions", json=ask, timeout=30)
         assert r.status_code == 429 and r.headers["retry-after"] == "1"

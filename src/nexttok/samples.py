@@ -228,7 +228,8 @@ def _seeds(config: SamplingConfig, n: int) -> list[int | None]:
     """Sample i draws with seed + i; without a seed, a fresh one is drawn so every run can be replayed."""
     if config.greedy:
         return [None] * n
-    base = config.seed if config.seed is not None else secrets.randbits(62)
+    # Fresh seeds stay below 2**52 so that base + i survives JSON in JavaScript (a double is exact to 2**53).
+    base = config.seed if config.seed is not None else secrets.randbits(52)
     return [base + i for i in range(n)]
 
 

@@ -12,8 +12,32 @@ from typing import Annotated
 import typer
 
 from nexttok.cli.app import app
-from nexttok.cli.common import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt
+from nexttok.cli.common import DeviceOpt, DtypeOpt, ThreadsOpt
 from nexttok.errors import NexttokError
+
+ModelsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--model",
+        "-m",
+        help="'default' (packaged SmolLM2-135M-Instruct), a model folder, a .gguf file, or a hub id; give it again "
+        "to serve several (the first is the default; the playground compares two). Env: NEXTTOK_MODEL.",
+        show_default=False,
+    ),
+]
+
+
+def _served(models: list[str] | None, names: list[str] | None) -> dict[str, str | None]:
+    """Each model by the name clients ask for: ``--served-model-name`` in order, else "default" for one model
+    and the ``--model`` text for several."""
+    models, names = models or [None], list(names or [])
+    if len(names) > len(models):
+        raise NexttokError(f"{len(names)} --served-model-name for {len(models)} --model", param="served-model-name")
+    names += [("default" if len(models) == 1 else m or "default") for m in models[len(names) :]]
+    if len(set(names)) < len(names):
+        raise NexttokError(f"two models would both be served as {names!r}; name each with --served-model-name",
+                           param="served-model-name")  # fmt: skip
+    return dict(zip(names, models, strict=True))
 
 
 def _loopback(host: str) -> bool:
@@ -27,7 +51,7 @@ def _loopback(host: str) -> bool:
 
 @app.command()
 def serve(
-    model: ModelOpt = None,
+    model: ModelsOpt = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
     api_key: Annotated[
@@ -37,8 +61,9 @@ def serve(
         ),
     ] = None,
     served_model_name: Annotated[
-        str, typer.Option("--served-model-name", help="The name clients ask for.")
-    ] = "default",
+        list[str] | None,
+        typer.Option("--served-model-name", help="The name clients ask for (once per --model).", show_default=False),
+    ] = None,
     max_logprobs: Annotated[
         int, typer.Option("--max-logprobs", help="Alternatives per token at most; -1: whole vocabulary.")
     ] = 20,
@@ -56,7 +81,6 @@ def serve(
     device: DeviceOpt = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API that shows the whole distribution."""
-    from nexttok.lm import load
     from nexttok.server.app import ServeSettings, create_app
 
     for name, value, low in [("--max-n", max_n, 1), ("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
@@ -68,12 +92,19 @@ def serve(
     if not _loopback(host):
         typer.echo(f"warning: listening on {host}: anyone who reaches this machine can use the model; "
                    "set --api-key, or keep the default 127.0.0.1", err=True)  # fmt: skip
+    served = _served(model, served_model_name)
     settings = ServeSettings(
-        served_model_name=served_model_name, api_key=api_key or None, max_logprobs=max_logprobs, max_n=max_n,
+        served_model_name=next(iter(served)), api_key=api_key or None, max_logprobs=max_logprobs, max_n=max_n,
         max_batch=max_batch, max_queue=max_queue, max_body=max_body,
     )  # fmt: skip
-    app_ = create_app(lambda: load(model, dtype=dtype, threads=threads, device=device), settings)
+    app_ = create_app(_loaders(served, dtype, threads, device), settings)
     _run(app_, host, port, log_level, shutdown_timeout)
+
+
+def _loaders(served: dict[str, str | None], dtype: str, threads: int | None, device: str | None) -> dict:
+    from nexttok.lm import load
+
+    return {name: (lambda m=m: load(m, dtype=dtype, threads=threads, device=device)) for name, m in served.items()}
 
 
 def _run(app_, host: str, port: int, log_level: str, shutdown_timeout: float, on_ready=None) -> None:
@@ -90,7 +121,7 @@ def _run(app_, host: str, port: int, log_level: str, shutdown_timeout: float, on
 
 @app.command()
 def playground(
-    model: ModelOpt = None,
+    model: ModelsOpt = None,
     port: Annotated[int, typer.Option("--port", help="TCP port (0: a free one).")] = 0,
     open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open the page in the browser.")] = True,
     dtype: DtypeOpt = "float32",
@@ -98,8 +129,7 @@ def playground(
     device: DeviceOpt = None,
 ) -> None:
     """Watch and steer next-token prediction in the browser: `nexttok serve` on loopback, and its page."""
-    from nexttok.lm import load
-    from nexttok.server.app import create_app
+    from nexttok.server.app import ServeSettings, create_app
 
     if port == 0:
         with socket.socket() as s:
@@ -120,5 +150,6 @@ def playground(
         if not (open_browser and webbrowser.open(url)):
             typer.echo(f"open {url} in a browser", err=True)
 
-    app_ = create_app(lambda: load(model, dtype=dtype, threads=threads, device=device))
+    served = _served(model, None)
+    app_ = create_app(_loaders(served, dtype, threads, device), ServeSettings(served_model_name=next(iter(served))))
     _run(app_, "127.0.0.1", port, "warning", 5.0, on_ready=ready)

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,7 @@ from nexttok.server.metrics import Metrics
 from nexttok.server.scheduler import Scheduler
 from nexttok.server.schemas import (
     ChatRequest,
+    CompareRequest,
     CompletionRequest,
     DetokenizeRequest,
     ModelCard,
@@ -66,55 +67,75 @@ class Problem(Exception):
         self.status, self.kind, self.param, self.code, self.headers = status, kind, param, code, headers
 
 
+@dataclass
+class Served:
+    """One model the server serves: its name, the LM, the thread that owns it, and its cached scores."""
+
+    name: str
+    lm: LM
+    scheduler: Scheduler
+    scores: explore.ScoreCache = field(default_factory=explore.ScoreCache)
+
+
 class State:
-    """The app's model and scheduler, loaded in the background so ``/health`` can say 503 meanwhile."""
+    """The app's models, each with its scheduler, loaded in the background (in order) so ``/health`` can say 503
+    meanwhile. The first is the one a request without ``model`` gets."""
 
-    def __init__(self, load: Callable[[], LM], settings: ServeSettings):
+    def __init__(self, loads: dict[str, Callable[[], LM]], settings: ServeSettings):
         self.settings, self.metrics = settings, Metrics()
-        self.lm: LM | None = None
-        self.scheduler: Scheduler | None = None
+        self.names = list(loads)
+        self.models: dict[str, Served] = {}
         self.failed: str | None = None
-        self.scores = explore.ScoreCache()
         self.created = int(time.time())
-        self._thread = threading.Thread(target=self._load, args=(load,), name="nexttok-load", daemon=True)
+        self._thread = threading.Thread(target=self._load, args=(loads,), name="nexttok-load", daemon=True)
 
-    def _load(self, load: Callable[[], LM]) -> None:
+    def _load(self, loads: dict[str, Callable[[], LM]]) -> None:
         try:
-            lm = load()
-            s = self.settings
-            scheduler = Scheduler(lm, max_batch=s.max_batch, max_queue=s.max_queue, metrics=self.metrics)
-            scheduler.start()
-            scheduler.ready.wait()
-            self.lm, self.scheduler = lm, scheduler
-            logging.getLogger("uvicorn.error").info(
-                "nexttok: serving %r (%s; context %s, vocabulary %s); %s", self.settings.served_model_name,
-                lm.source.location, lm.context_length, f"{lm.vocab_size:,}", scheduler.decoder.reason,
-            )  # fmt: skip
+            for name, load in loads.items():
+                lm = load()
+                s = self.settings
+                scheduler = Scheduler(lm, max_batch=s.max_batch, max_queue=s.max_queue, metrics=self.metrics)
+                scheduler.start()
+                scheduler.ready.wait()
+                self.models[name] = Served(name, lm, scheduler)
+                logging.getLogger("uvicorn.error").info(
+                    "nexttok: serving %r (%s; context %s, vocabulary %s); %s", name, lm.source.location,
+                    lm.context_length, f"{lm.vocab_size:,}", scheduler.decoder.reason,
+                )  # fmt: skip
         except Exception as e:  # reported by /health and every request
             self.failed = f"{type(e).__name__}: {e}"
 
-    def ready(self) -> tuple[LM, Scheduler]:
-        if self.scheduler is None:
+    def served(self, name: str | None = None) -> Served:
+        """The model a request names (``None``: the first); 503 while loading, 404 for a name not served."""
+        if len(self.models) < len(self.names):
             why = f"the model failed to load ({self.failed})" if self.failed else "the model is still loading"
             raise Problem(503, f"{why}; retry shortly", "service_unavailable", headers={"Retry-After": "2"})
-        return self.lm, self.scheduler
+        if name is None:
+            return self.models[self.names[0]]
+        if name not in self.models:
+            served = ", ".join(repr(n) for n in self.names)
+            raise Problem(404, f"the model {name!r} does not exist here; this server serves {served}",
+                          "invalid_request_error", param="model", code="model_not_found")  # fmt: skip
+        return self.models[name]
 
     @property
     def limits(self) -> tr.Limits:
         return tr.Limits(self.settings.max_logprobs, self.settings.max_n)
 
 
-def create_app(load: Callable[[], LM], settings: ServeSettings | None = None) -> FastAPI:
-    """The server's app; ``load`` returns the LM (called once, in the background, at startup)."""
+def create_app(load: Callable[[], LM] | dict[str, Callable[[], LM]], settings: ServeSettings | None = None) -> FastAPI:
+    """The server's app. ``load`` returns the LM, called once in the background at startup; or a dict of such
+    loaders by served name, for several models (the first is the default; ``/v1/compare`` compares two)."""
     settings = settings or ServeSettings()
-    state = State(load, settings)
+    loads = load if isinstance(load, dict) else {settings.served_model_name: load}
+    state = State(loads, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         state._thread.start()
         yield
-        if state.scheduler is not None:
-            await asyncio.to_thread(state.scheduler.close)
+        for served in list(state.models.values()):
+            await asyncio.to_thread(served.scheduler.close)
 
     app = FastAPI(title="nexttok", lifespan=lifespan)
     app.state.nexttok = state
@@ -138,7 +159,7 @@ def _routes(app: FastAPI, state: State, auth) -> None:
 
     @app.get("/health")
     def health():
-        state.ready()
+        state.served()
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -147,58 +168,62 @@ def _routes(app: FastAPI, state: State, auth) -> None:
 
     @app.get("/v1/models", dependencies=secured)
     def models() -> ModelList:
-        lm, _ = state.ready()
-        return ModelList(data=[_card(state, lm)])
+        state.served()
+        return ModelList(data=[_card(state, m) for m in state.models.values()])
 
     @app.post("/v1/completions", dependencies=secured)
     async def completions(req: CompletionRequest, request: Request):
-        lm, scheduler = state.ready()
-        _check_model(state, req.model)
-        plan = cm.plan_completion(lm, req, state.limits)
-        return await _answer(state, scheduler, plan, req, request, None)
+        m = state.served(req.model)
+        plan = cm.plan_completion(m.lm, req, state.limits)
+        return await _answer(state, m, plan, req, request, None)
 
     @app.post("/v1/chat/completions", dependencies=secured)
     async def chat(req: ChatRequest, request: Request):
-        lm, scheduler = state.ready()
-        _check_model(state, req.model)
-        plan = cm.plan_chat(lm, req, state.limits)
-        return await _answer(state, scheduler, plan, req, request, req.logprobs)
+        m = state.served(req.model)
+        plan = cm.plan_chat(m.lm, req, state.limits)
+        return await _answer(state, m, plan, req, request, req.logprobs)
 
     @app.post("/v1/next_token", dependencies=secured)
     async def next_token(req: NextTokenRequest):
-        lm, scheduler = state.ready()
-        _check_model(state, req.model)
-        return await asyncio.wrap_future(scheduler.call(lambda: _next_token(lm, req)))
+        m = state.served(req.model)
+        return await _on(m, lambda: _next_token(m.lm, req))
 
     @app.post("/v1/stages", dependencies=secured)
     async def stages(req: StagesRequest):
-        lm, scheduler = state.ready()
-        _check_model(state, req.model)
-        return await asyncio.wrap_future(scheduler.call(lambda: explore.stages(lm, state.scores, req)))
+        m = state.served(req.model)
+        return await _on(m, lambda: explore.stages(m.lm, m.scores, req))
 
     @app.post("/v1/ranks", dependencies=secured)
     async def ranks(req: RanksRequest):
-        lm, scheduler = state.ready()
-        _check_model(state, req.model)
-        return await asyncio.wrap_future(scheduler.call(lambda: explore.ranks(lm, scheduler, req)))
+        m = state.served(req.model)
+        return await _on(m, lambda: explore.ranks(m.lm, m.scheduler, req))
+
+    @app.post("/v1/compare", dependencies=secured)
+    async def compare(req: CompareRequest):
+        a, b = (state.served(n) for n in explore.compared(state.names, req))
+        ids = explore.same_ids(a.lm, b.lm, req)
+        dist_a, dist_b = [await _on(m, lambda m=m: m.lm.distribution(ids)) for m in (a, b)]
+        return explore.comparison(a.name, b.name, dist_a, dist_b, req)
 
     @app.post("/tokenize", dependencies=secured)
     def tokenize(req: TokenizeRequest):
-        lm, _ = state.ready()
-        _check_model(state, req.model)
-        return _tokenize(lm, req)
+        return _tokenize(state.served(req.model).lm, req)
 
     @app.post("/detokenize", dependencies=secured)
     def detokenize(req: DetokenizeRequest):
-        lm, _ = state.ready()
-        _check_model(state, req.model)
+        lm = state.served(req.model).lm
         tr.prompt_ids(lm, req.tokens) if req.tokens else None
         pieces = [{"id": i, "text": lm.token_text(i), "bytes": list(lm.token_bytes(i))} for i in req.tokens]
         return {"text": lm.tokenizer.decode(req.tokens), "tokens": pieces}
 
 
-async def _answer(state: State, scheduler: Scheduler, plan: cm.Plan, req, request: Request, chat_logprobs):
-    lm, model, decoder = state.lm, state.settings.served_model_name, scheduler.decoder.reason
+async def _on(m: Served, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on the model's own thread, awaited."""
+    return await asyncio.wrap_future(m.scheduler.call(fn))
+
+
+async def _answer(state: State, m: Served, plan: cm.Plan, req, request: Request, chat_logprobs):
+    lm, scheduler, model, decoder = m.lm, m.scheduler, m.name, m.scheduler.decoder.reason
     state.metrics.tokens_in.inc(sum(len(j.ids) for j in plan.jobs))
     flight = cm.Flight(scheduler, plan)
     try:
@@ -225,18 +250,12 @@ async def _answer(state: State, scheduler: Scheduler, plan: cm.Plan, req, reques
     return cm.chat_body(lm, plan, choices, model, decoder, chat_logprobs).model_dump()
 
 
-def _card(state: State, lm: LM) -> ModelCard:
+def _card(state: State, m: Served) -> ModelCard:
+    lm = m.lm
     return ModelCard(
-        id=state.settings.served_model_name, created=state.created, context_length=lm.context_length,
+        id=m.name, created=state.created, context_length=lm.context_length,
         vocab_size=lm.vocab_size, source=lm.source.location if lm.source.kind != "default" else "default",
     )  # fmt: skip
-
-
-def _check_model(state: State, name: str | None) -> None:
-    served = state.settings.served_model_name
-    if name is not None and name != served:
-        raise Problem(404, f"the model {name!r} does not exist here; this server serves {served!r}",
-                      "invalid_request_error", param="model", code="model_not_found")  # fmt: skip
 
 
 def _next_token(lm: LM, req: NextTokenRequest) -> dict[str, Any]:
@@ -246,7 +265,7 @@ def _next_token(lm: LM, req: NextTokenRequest) -> dict[str, Any]:
             raise NexttokError(f"temperatures must be > 0 (got {t})", param="temperatures")
     ids = tr.request_ids(lm, req)
     chat = req.messages is not None
-    text = lm.tokenizer.decode(ids) if chat else req.prompt
+    text = req.prompt if req.prompt is not None else lm.tokenizer.decode(ids)
     base = Distribution(lm.last_logits(ids), lm, ids)
     dists = [base.with_temperature(t) for t in req.temperatures or [1.0]]
     return predict_report(lm, text, chat, dists, req.top, list(req.tokens))

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nexttok.distribution import show_token
+from nexttok.compare import compare_distributions
+from nexttok.distribution import Distribution, show_token
+from nexttok.errors import NexttokError
 from nexttok.processors import apply_traced, build_processors
 from nexttok.samples import resolve_bias
 from nexttok.sampling import SamplingConfig, draw, make_generators
@@ -20,7 +22,7 @@ from nexttok.server import translate as tr
 if TYPE_CHECKING:
     from nexttok.lm import LM
     from nexttok.server.scheduler import Scheduler
-    from nexttok.server.schemas import RanksRequest, StagesRequest
+    from nexttok.server.schemas import CompareRequest, RanksRequest, StagesRequest
 
 # Rank buckets of the colour view (GLTR's): top 10, top 100, top 1000, beyond.
 BUCKETS = (10, 100, 1000)
@@ -68,14 +70,19 @@ def stages(lm: LM, cache: ScoreCache, req: StagesRequest) -> dict[str, Any]:
         rows.append({"name": r.name, "survivors": r.survivors, "mass_removed": r.mass_removed, "entropy": r.entropy})
     final = torch.softmax(processed[0], -1)  # (V,): what a draw samples from
     kept = torch.isfinite(processed[0])
-    top = torch.topk(torch.softmax(logits, -1), min(req.top, lm.vocab_size))
+    dist = Distribution(logits, lm, ids)
+    top = torch.topk(dist.probs, min(req.top, lm.vocab_size))
     candidates = [
         {**_token(lm, i, p), "rank": n + 1, "kept": bool(kept[i]), "final_prob": float(final[i])}
         for n, (i, p) in enumerate(zip(top.indices.tolist(), top.values.tolist(), strict=True))
     ]
-    out = {"prompt_ids": ids, "cached": cached, "greedy": config.greedy, "stages": rows, "candidates": candidates}
+    out = {
+        "prompt_ids": ids, "context": lm.tokenizer.decode(ids), "cached": cached, "entropy": dist.entropy,
+        "cover_90": dist.mass_cover(0.9), "greedy": config.greedy, "stages": rows, "candidates": candidates,
+    }  # fmt: skip
     if req.seed is not None:
-        out["sample"] = _sample(lm, processed, req.seed, config.greedy)
+        sample = _sample(lm, processed, req.seed, config.greedy)
+        out["sample"] = sample | {"model_prob": float(dist.probs[sample["id"]])}  # before the stages
     return out
 
 
@@ -114,3 +121,30 @@ def ranks(lm: LM, scheduler: Scheduler, req: RanksRequest) -> dict[str, Any]:
     for row in rows[1:]:
         counts[row["bucket"]] += 1
     return {"tokens": rows, "buckets": counts, "thresholds": list(BUCKETS)}
+
+
+def compared(names: list[str], req: CompareRequest) -> tuple[str, str]:
+    """The two models a compare request names: ``a`` (default: the first served) and ``b`` (default: the next)."""
+    a = req.a or names[0]
+    b = req.b or next((n for n in names if n != a), None)
+    if b is None:
+        raise NexttokError("compare needs two models: start the server with --model A --model B", param="b")
+    return a, b
+
+
+def same_ids(lm_a: LM, lm_b: LM, req: CompareRequest) -> list[int]:
+    """The prompt's ids, which must be the same under both models' tokenizers."""
+    ids = tr.request_ids(lm_a, req)
+    if tr.request_ids(lm_b, req) != ids:
+        raise NexttokError("the two models tokenize the prompt differently; compare needs models with the same "
+                           "tokenizer (e.g. a base model and its fine-tune)", param="b")  # fmt: skip
+    return ids
+
+
+def comparison(a: str, b: str, dist_a: Distribution, dist_b: Distribution, req: CompareRequest) -> dict[str, Any]:
+    """``nexttok compare --json``'s numbers, with each token as shown and the two models' names."""
+    out = compare_distributions(dist_a, dist_b, req.top, req.moves).to_dict()
+    for key in ("candidates", "gains", "losses"):
+        for row in out[key]:
+            row["shown"] = show_token(row["text"])
+    return {"a": a, "b": b, **out}

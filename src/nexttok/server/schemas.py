@@ -99,11 +99,12 @@ class ChatRequest(Sampling):
 
 
 class NextTokenRequest(Strict):
-    """``POST /v1/next_token``: ``nexttok predict --json`` for a prompt or messages."""
+    """``POST /v1/next_token``: ``nexttok predict --json`` for a prompt, messages or token ids."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[Message] | None = None
+    ids: list[int] | None = None
     top: int = Field(10, ge=1)
     tokens: list[str | int] = Field(default_factory=list, description="also report these tokens' probability")
     temperatures: list[float] = Field(default_factory=lambda: [1.0])
@@ -137,6 +138,19 @@ class RanksRequest(Strict):
     prompt: str | None = None
     ids: list[int] | None = None
     top: int = Field(5, ge=0, le=100)
+
+
+class CompareRequest(Strict):
+    """``POST /v1/compare``: two served models' next-token distributions after one prompt (``nexttok compare``).
+    ``a`` and ``b`` name them (default: the first two the server serves)."""
+
+    a: str | None = None
+    b: str | None = None
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    ids: list[int] | None = None
+    top: int = Field(10, ge=1, le=100)
+    moves: int = Field(5, ge=1, le=100)
 
 
 class TokenizeRequest(Strict):

@@ -178,11 +178,14 @@ def offsets(lm: LM, ids: list[int], start: int = 0) -> list[int]:
 
 
 def token_extension(step: Step) -> dict[str, Any]:
-    """What nexttok adds per generated token: rank, entropy, the draw and, traced, each stage."""
+    """What nexttok adds per generated token: rank, entropy, the draw, the alternatives by id (with
+    ``logprobs``) and, traced, each stage."""
     out = {
         "id": step.id, "rank": step.rank, "entropy": step.entropy, "prob": step.prob,
         "sampled_prob": step.sampled_prob, "uniform": step.uniform,
     }  # fmt: skip
+    if step.alternatives:
+        out["alternatives"] = [{"id": a.id, "text": a.text, "prob": a.prob} for a in step.alternatives]
     if step.stages is not None:
         out["stages"] = [asdict(r) for r in step.stages]
     return out
