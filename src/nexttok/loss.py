@@ -13,11 +13,11 @@ MODEL_KEYS = ("input_ids", "attention_mask", "position_ids")
 def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over the trained positions, and how many there are.
     Labels are not pre-shifted: position t's logits predict the label at t+1. Only the trained
-    positions go through the output layer (see :func:`_trained_positions_only`)."""
+    positions go through the output layer (see :func:`trained_positions_only`)."""
     inputs = {k: batch[k] for k in MODEL_KEYS if k in batch}
     labels = batch["labels"][:, 1:]  # (B, T-1)
     keep = labels != -100  # (B, T-1)
-    with _trained_positions_only(model, keep):
+    with trained_positions_only(model, keep):
         logits = model(**inputs, use_cache=False).logits  # (N, V) when selected, else (B, T, V)
     if logits.dim() == 2:
         loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")  # ()
@@ -29,7 +29,7 @@ def token_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tu
 
 
 @contextmanager
-def _trained_positions_only(model: torch.nn.Module, keep: torch.Tensor):
+def trained_positions_only(model: torch.nn.Module, keep: torch.Tensor):
     """While active, the output layer projects only the hidden states of trained positions.
 
     With a 49k vocabulary the output layer and its cross-entropy are a large share of a step's work,

@@ -81,3 +81,25 @@ def plot_compare(comparison, names: tuple[str, str], path: str | Path) -> Path:
     ax.set_title(f"KL(A‖B) {comparison.kl_ab_bits:.3f} bits · JS {comparison.js_bits:.3f} bits", fontsize=10)
     ax.legend()
     return _save(plt, fig, path)
+
+
+def plot_reliability(bins, title: str, path: str | Path, ece: float | None = None) -> Path:
+    """The reliability diagram: accuracy of the top-1 token against its confidence, per equal-width bin,
+    with each bin's count written on its bar; the diagonal is perfect calibration."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    width = bins[0].hi - bins[0].lo
+    mids = [(b.lo + b.hi) / 2 for b in bins]
+    ax.bar(mids, [b.accuracy for b in bins], width * 0.92, color="tab:blue", alpha=0.8, label="accuracy")
+    ax.plot([b.confidence if b.count else None for b in bins], [b.accuracy if b.count else None for b in bins],
+            "o", color="tab:orange", label="mean confidence")  # fmt: skip
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    for m, b in zip(mids, bins, strict=True):
+        ax.text(m, min(b.accuracy, 0.93) + 0.02, f"{b.count:,}", ha="center", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("top-1 confidence")
+    ax.set_ylabel("top-1 accuracy")
+    ax.set_title(title + (f" · ECE {ece:.4f}" if ece is not None else ""), fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(plt, fig, path)

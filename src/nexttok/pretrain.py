@@ -19,7 +19,7 @@ from nexttok import assets, checkpoint, distributed
 from nexttok.config import Recipe
 from nexttok.data.blocks import BlockSource, prepare, split_documents
 from nexttok.data.sources import load_corpus
-from nexttok.evaluate import evaluate
+from nexttok.evaluation import evaluate_source
 from nexttok.models import resolve_device, set_threads
 from nexttok.tokenizer_train import load_tokenizer, train_bpe
 from nexttok.train import FitResult, fit
@@ -151,5 +151,5 @@ def _describe(say, corpus, data, tok, stats: ModelStats, seconds: float) -> None
 
 def _final_eval(recipe: Recipe, model, source: BlockSource, result: FitResult) -> dict[str, float]:
     with torch.inference_mode():
-        metrics = evaluate(model, source, max(8, recipe.train.batch_size), EVAL_ALL)
+        metrics = evaluate_source(model, source, max(8, recipe.train.batch_size), EVAL_ALL)
     return metrics

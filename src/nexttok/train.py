@@ -19,7 +19,7 @@ import torch
 
 from nexttok import checkpoint, distributed
 from nexttok.errors import NexttokError
-from nexttok.evaluate import evaluate
+from nexttok.evaluation import evaluate_source
 from nexttok.loss import token_loss_sum, trained_tokens
 from nexttok.models import quiet_transformers
 from nexttok.optim import OPTIMIZERS, make_optimizer
@@ -224,7 +224,7 @@ class _Run:
         if self.eval_source is None:
             return {}
         with self.autocast():
-            metrics = evaluate(self.raw, self.eval_source, self.config.batch_size, self.config.eval_batches)
+            metrics = evaluate_source(self.raw, self.eval_source, self.config.batch_size, self.config.eval_batches)
         self.last_eval = metrics
         timing = {"train_seconds": round(self.train_seconds, 3), "cpu_seconds": round(self.cpu_seconds, 3)}
         self.log({"step": self.step, **timing, **{f"eval_{k}": v for k, v in metrics.items()}})

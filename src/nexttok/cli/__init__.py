@@ -16,6 +16,7 @@ from nexttok.cli.app import app
 
 # Verb modules register their commands on `app` when imported.
 with gc_pause.paused():  # their imports (datasets, peft, ...): see gc_pause.py
+    from nexttok.cli import evaluate as _evaluate  # noqa: E402,F401
     from nexttok.cli import finetune as _finetune  # noqa: E402,F401
     from nexttok.cli import generate as _generate  # noqa: E402,F401
     from nexttok.cli import predict as _predict  # noqa: E402,F401
@@ -25,7 +26,7 @@ with gc_pause.paused():  # their imports (datasets, peft, ...): see gc_pause.py
 # Verbs that load a model, print and write only files they have closed. After them the interpreter's
 # own teardown of torch and transformers is skipped: it took ~1 s of a ~5 s `nexttok predict` (measured).
 # Training verbs exit the normal way.
-QUICK_VERBS = {"predict", "tokenize", "generate", "chat", "compare", "mask-preview"}
+QUICK_VERBS = {"predict", "tokenize", "generate", "chat", "compare", "mask-preview", "eval"}
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import torch
 from nexttok import assets
 from nexttok.bytelevel import byte_decoder
 from nexttok.errors import NexttokError
+from nexttok.evaluation.windows import Window, batch, plan
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -65,8 +66,10 @@ def _chunks(text: str) -> list[str]:
     return out
 
 
-def tokenize(docs: list[str], tokenizer: PreTrainedTokenizerBase, eos: bool = True, label: str = "") -> np.ndarray:
-    """All documents' ids in one array, each document followed by EOS when ``eos``; a progress bar."""
+def tokenize(
+    docs: list[str], tokenizer: PreTrainedTokenizerBase, eos: bool = True, label: str = "", show: bool = True
+) -> np.ndarray:
+    """All documents' ids in one array, each document followed by EOS when ``eos``; a progress bar (``show``)."""
     from rich.progress import Progress
 
     vocab = len(tokenizer)
@@ -74,7 +77,7 @@ def tokenize(docs: list[str], tokenizer: PreTrainedTokenizerBase, eos: bool = Tr
     backend = tokenizer.backend_tokenizer
     parts: list[np.ndarray] = []
     eos_id = np.array([tokenizer.eos_token_id], dtype=dtype) if eos and tokenizer.eos_token_id is not None else None
-    with Progress(transient=True) as bar:
+    with Progress(transient=True, disable=not show) as bar:
         task = bar.add_task(f"tokenizing {label}".strip(), total=sum(len(d) for d in docs))
         for doc in docs:
             pieces = _chunks(doc)
@@ -174,7 +177,8 @@ class BlockSource:
 
     Training rows are non-overlapping blocks in a random order that is fixed by (seed, epoch), with a
     random start shift per epoch; row ``r`` of the whole run is a pure function of ``r``. Held-out
-    windows overlap by one token, so every held-out token after the first is predicted exactly once.
+    windows are ``nexttok eval``'s (:mod:`nexttok.evaluation.windows`): every held-out token is scored
+    once, with at least T/2 tokens of context where the text allows.
     """
 
     def __init__(self, train: np.ndarray, heldout: np.ndarray | None, block_size: int, tokenizer, seed: int = 0):
@@ -186,6 +190,7 @@ class BlockSource:
             )
         self.train, self.heldout, self.T, self.seed = train, heldout, block_size, seed
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.bos = tokenizer.bos_token_id
         self.n_bytes, self.n_chars = text_tables(tokenizer)
         self.n_blocks = (len(train) - block_size) // block_size or 1
         self._perm: tuple[int, torch.Tensor] | None = None
@@ -206,30 +211,24 @@ class BlockSource:
         x = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T)
         return {"input_ids": x, "labels": x.clone()}
 
-    def windows(self) -> list[int]:
-        """Start of every held-out window (stride T-1)."""
+    def windows(self) -> list[Window]:
+        """The held-out windows: ``nexttok eval``'s default over the held-out tokens (stride T/2, a BOS at
+        the start of each when the tokenizer has one), so the two report the same figures."""
         n = len(self.heldout) if self.heldout is not None else 0
-        return list(range(0, max(0, n - 1), self.T - 1))
+        return plan(n, self.T, bos=self.bos is not None) if n >= 2 else []
 
     def eval_batches(self, batch_size: int, limit: int) -> Iterator[dict[str, torch.Tensor]]:
         """``limit`` batches of windows spread evenly over the held-out text (all of it when it has fewer)."""
-        starts = self.windows()
+        windows = self.windows()
         want = limit * batch_size
-        if want < len(starts):
-            starts = [starts[int(i * len(starts) / want)] for i in range(want)]
-        for i in range(0, len(starts), batch_size):
-            yield self._window_batch(starts[i : i + batch_size])
+        if want < len(windows):
+            windows = [windows[int(i * len(windows) / want)] for i in range(want)]
+        for i in range(0, len(windows), batch_size):
+            yield self._window_batch(windows[i : i + batch_size])
 
-    def _window_batch(self, starts: list[int]) -> dict[str, torch.Tensor]:
-        x = np.full((len(starts), self.T), self.pad, dtype=np.int64)
-        labels = np.full_like(x, -100)
-        for j, s in enumerate(starts):
-            w = self.heldout[s : s + self.T]
-            x[j, : len(w)], labels[j, : len(w)] = w, w
-        predicted = labels[:, 1:][labels[:, 1:] != -100]
-        return {
-            "input_ids": torch.from_numpy(x),  # (B, T)
-            "labels": torch.from_numpy(labels),  # (B, T)
-            "n_bytes": torch.tensor(int(self.n_bytes[predicted].sum())),
-            "n_chars": torch.tensor(int(self.n_chars[predicted].sum())),
-        }
+    def _window_batch(self, windows: list[Window]) -> dict[str, torch.Tensor]:
+        out = batch(self.heldout, windows, self.bos, self.pad)
+        predicted = np.concatenate([self.heldout[w.scored_from : w.stop] for w in windows]).astype(np.int64)
+        out["n_bytes"] = torch.tensor(int(self.n_bytes[predicted].sum()))
+        out["n_chars"] = torch.tensor(int(self.n_chars[predicted].sum()))
+        return out

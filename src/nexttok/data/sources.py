@@ -35,6 +35,8 @@ def expand(paths: list[str]) -> list[Path]:
     """Files named directly, folders searched recursively (sorted), or a packaged corpus name."""
     files: list[Path] = []
     for spec in paths:
+        if not spec.strip():
+            raise NexttokError("a data path is empty; give a file, a folder or a packaged corpus name", param="data")
         if spec in PACKAGED:
             files += PACKAGED[spec]()
             continue
