@@ -109,6 +109,7 @@ def test_two_models_that_differ(tiny_model_dir, tmp_path):
         (["--context", "4096"], "above the model's 256 positions"),
         (["--windows", "sliding"], "--windows must be one of strided, disjoint"),
         (["--split", "test"], "--split must be one of all, heldout, train"),
+        (["--dtype", "float32", "--dtype", "bfloat16"], "give one --dtype, or one per --model (2 for 1)"),
     ],
 )
 def test_bad_options_are_one_line_and_exit_2(tiny_model_dir, tmp_path, extra, message):

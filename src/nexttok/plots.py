@@ -100,6 +100,9 @@ def plot_reliability(bins, title: str, path: str | Path, ece: float | None = Non
     ax.set_ylim(0, 1)
     ax.set_xlabel("top-1 confidence")
     ax.set_ylabel("top-1 accuracy")
-    ax.set_title(title + (f" · ECE {ece:.4f}" if ece is not None else ""), fontsize=9)
+    import textwrap
+
+    full = title + (f" · ECE {ece:.4f}" if ece is not None else "")
+    ax.set_title("\n".join(textwrap.wrap(full, 60)), fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
     return _save(plt, fig, path)

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from nexttok.cli.app import app
-from nexttok.cli.common import DeviceOpt, DtypeOpt, ThreadsOpt, console, load_lm
+from nexttok.cli.common import DeviceOpt, ThreadsOpt, console, load_lm
 from nexttok.errors import NexttokError
 
 ModelsOpt = Annotated[
@@ -75,7 +75,12 @@ def eval_(
     ] = None,
     text_field: Annotated[str, typer.Option(help="The JSONL/parquet field holding the text.")] = "text",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (schema: docs/eval.md).")] = False,
-    dtype: DtypeOpt = "float32",
+    dtype: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--dtype", help="float32 or bfloat16; twice: one per model (fp32 against bf16).", show_default=False
+        ),
+    ] = None,  # fmt: skip
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
 ) -> None:
@@ -90,7 +95,10 @@ def eval_(
                   holdout_fraction=holdout_fraction, text_field=text_field, limit_tokens=limit_tokens,
                   batch_size=batch_size)  # fmt: skip
     show = not as_json and console.is_terminal
-    lms = [load_lm(m, dtype, threads, device) for m in models]
+    dtypes = dtype or ["float32"]
+    if len(dtypes) not in (1, len(models)):
+        raise NexttokError(f"give one --dtype, or one per --model ({len(dtypes)} for {len(models)})", param="dtype")
+    lms = [load_lm(m, dtypes[min(i, len(dtypes) - 1)], threads, device) for i, m in enumerate(models)]
     if len(lms) == 2:
         if fit_temperature or tokens or html or plot:
             raise NexttokError("--fit-temperature, --tokens, --html and --plot take one model; drop the second --model")
@@ -139,7 +147,7 @@ def _pm(value: float | None, se: float | None, digits: int = 4) -> str:
 
 def _windows_line(w: dict) -> str:
     stride = f", stride {w['stride']}" if w.get("stride") else ""
-    bos = "a BOS at each start" if w["bos"] else "no BOS"
+    bos = "no BOS" if not w["bos"] else "a BOS before the first" if w["mode"] == "disjoint" else "a BOS at each start"
     return f"{w['mode']} windows of {w['context']} tokens{stride}, {bos}; {w['windows']:,} windows"
 
 
@@ -163,13 +171,15 @@ def _print_one(result) -> None:
         ("word perplexity", _pm(m.word_perplexity, m.word_perplexity_se, 3)),
         ("top-1 / top-5 accuracy", f"{m.top1:.4f} / {m.top5:.4f}"),
         ("mean reciprocal rank", f"{m.mrr:.4f}"),
-        ("rank of the true token", "  ".join(f"{k}: {v / m.tokens:.1%}" for k, v in m.rank_histogram.items())),
         ("ECE (10 equal-width / equal-mass bins)", f"{m.ece:.4f} / {m.ece_equal_mass:.4f}"),
         ("Brier score", f"{m.brier:.4f}"),
     ]  # fmt: skip
     for r in rows:
         t.add_row(*r)
     console.print(t)
+    console.print(
+        "rank of the true token: " + ", ".join(f"{k}: {v / m.tokens:.1%}" for k, v in m.rank_histogram.items())
+    )
     if result.temperature:
         f = result.temperature
         console.print(
@@ -197,6 +207,9 @@ def _print_pair(r) -> None:
                   f"p99 {k['p99']:.5f}, max {k['max']:.5f} · top-1 agreement {r.top1_agreement:.2%}")  # fmt: skip
     console.print("p_B(true) - p_A(true): mean {:+.5f}; ".format(d["mean"])
                   + ", ".join(f"{q} {v:+.4f}" for q, v in d.items() if q != "mean"))  # fmt: skip
+    if k["max"] == 0:
+        console.print("the two models give the same distribution at every position")
+        return
     t = Table(title="where they differ most", show_header=True, header_style="bold")
     for c in ("KL", "text before", "true", "p_A", "p_B", "A's top", "B's top"):
         t.add_column(c)

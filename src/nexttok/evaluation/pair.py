@@ -13,7 +13,16 @@ import torch
 from nexttok.distribution import show_token
 from nexttok.errors import NexttokError
 from nexttok.evaluation.metrics import Metrics, summarize
-from nexttok.evaluation.pipeline import SCHEMA, batches, plan_jobs, read_text, run, scored_counts, window_setup
+from nexttok.evaluation.pipeline import (
+    SCHEMA,
+    batches,
+    model_name,
+    plan_jobs,
+    read_text,
+    run,
+    scored_counts,
+    window_setup,
+)
 from nexttok.evaluation.scoring import Positions, batch_logits, position_stats
 
 if TYPE_CHECKING:
@@ -87,7 +96,7 @@ def evaluate_pair(a: LM, b: LM, data, *, context=None, stride=None, windows="str
     ma, mb = summarize(pa, *counts, text.words), summarize(pb, *counts, text.words)
     dp = np.exp(pb.logprob) - np.exp(pa.logprob)
     return PairResult(
-        a.source.location, b.source.location, text.source, setup | {"windows": len(jobs), "batch_size": size},
+        model_name(a), model_name(b), text.source, setup | {"windows": len(jobs), "batch_size": size},
         ma, mb, mb.perplexity / ma.perplexity,
         {"mean": float(kl.mean()), "median": float(np.median(kl)), "p99": float(np.percentile(kl, 99)),
          "max": float(kl.max())},

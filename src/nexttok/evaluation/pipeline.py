@@ -134,6 +134,10 @@ def _first_tokens(lm: LM, ids: list[np.ndarray], docs: list[str], limit: int) ->
     return out_ids, out_docs
 
 
+def model_name(lm: LM) -> str:
+    return "default" if lm.source.kind == "default" else lm.source.location
+
+
 def model_context(lm: LM) -> int:
     return int(lm.context_length or 2048)
 
@@ -275,7 +279,7 @@ def evaluate(
     n_bytes, n_chars = scored_counts(lm, text, jobs)
     metrics = summarize(positions, n_bytes, n_chars, text.words)
     setup |= {"windows": len(jobs), "batch_size": size}
-    return EvalResult(lm.source.location, text.source, setup, metrics, fit, positions, jobs, text)
+    return EvalResult(model_name(lm), text.source, setup, metrics, fit, positions, jobs, text)
 
 
 def window_setup(lm: LM, context: int | None, stride: int | None, mode: str, bos: bool | None) -> dict[str, Any]:

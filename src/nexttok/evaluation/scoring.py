@@ -70,32 +70,34 @@ def position_stats(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
 
 
 def _chunk_stats(z: torch.Tensor, y: torch.Tensor, temperature: float, top: int, bufs) -> Positions:
-    # Few passes over the vocabulary: with e = exp(z - max), s = sum e: log p = z - max - log s, the top-1
-    # probability is 1/s, the entropy log s + max - E_p[z], and sum p^2 = sum e^2 / s^2.
+    # Few passes over the vocabulary: with d = z - max, e = exp(d), s = sum e: log p = d - log s, the top-1
+    # probability is 1/s, the entropy log s - E_p[d], and sum p^2 = sum e^2 / s^2. Everything is taken from
+    # d, not z: logits of a few hundred lose digits to float32 when two large numbers are subtracted.
     n = len(y)
     z = z.float() if temperature == 1 else z.float() / temperature  # (n, V)
     y = y.to(z.device)  # (n,)
-    e, above = bufs[0][:n], bufs[1][:n]  # (n, V) each
+    d, e = bufs[0][:n], bufs[1][:n]  # (n, V) each
     top1 = z.amax(dim=-1)  # (n,)
-    torch.sub(z, top1[:, None], out=e).exp_()
+    torch.sub(z, top1[:, None], out=d)
+    torch.exp(d, out=e)
     s = e.sum(-1)  # (n,)
-    lse = top1 + s.log()  # (n,)
-    zy = z.gather(1, y[:, None])[:, 0]  # (n,)
-    rank = torch.gt(z, zy[:, None], out=above).sum(-1) + 1  # (n,) as float: exact below 2**24
-    e_z = torch.bmm(e[:, None, :], z[:, :, None])[:, 0, 0]  # (n,) sum_v e_v z_v
+    log_s = s.log()  # (n,)
+    dy = d.gather(1, y[:, None])[:, 0]  # (n,) the true token's z - max
+    e_d = torch.bmm(e[:, None, :], d[:, :, None])[:, 0, 0]  # (n,) sum_v e_v d_v
     e_e = torch.bmm(e[:, None, :], e[:, :, None])[:, 0, 0]  # (n,)
-    tops = z.topk(top, dim=-1) if top else None
+    rank = torch.gt(d, dy[:, None], out=e).sum(-1) + 1  # (n,) as float: exact below 2**24; e is spent
+    tops = d.topk(top, dim=-1) if top else None
     return Positions(
         token=_np(y),
-        logprob=_np(zy - lse).astype(np.float64),
+        logprob=_np(dy - log_s).astype(np.float64),
         rank=_np(rank).astype(np.int64),
-        entropy=_np(lse - e_z / s),
+        entropy=_np(log_s - e_d / s),
         confidence=_np(1.0 / s),
-        correct=_np(zy >= top1),  # the true token has the top score
+        correct=_np(dy >= 0),  # the true token has the top score
         sum_sq=_np(e_e / (s * s)),
         context=np.full(n, -1, dtype=np.int64),
         top_ids=_np(tops.indices) if tops else None,
-        top_probs=_np((tops.values - lse[:, None]).exp()) if tops else None,
+        top_probs=_np((tops.values - log_s[:, None]).exp()) if tops else None,
     )
 
 
