@@ -136,11 +136,16 @@ def _change(a: Distribution, b: Distribution, token_id: int) -> Change:
 
 def compare(lm_a: LM, lm_b: LM, prompt: str, chat: bool = False, top: int = 10, moves: int = 5) -> Comparison:
     """Next-token distributions of two models on ``prompt``, compared. Both must tokenize it alike."""
-    ids_a, ids_b = lm_a.encode(prompt, chat=chat), lm_b.encode(prompt, chat=chat)
+    ids = same_ids(lm_a.encode(prompt, chat=chat), lm_b.encode(prompt, chat=chat))
+    return compare_distributions(lm_a.distribution(ids), lm_b.distribution(ids), top, moves)
+
+
+def same_ids(ids_a: list[int], ids_b: list[int], param: str = "model") -> list[int]:
+    """The prompt's ids, which must be the same under both models' tokenizers."""
     if ids_a != ids_b:
         raise NexttokError(
             "the two models tokenize the prompt differently; compare needs models with the same tokenizer "
             "(e.g. a base model and its fine-tune)",
-            param="model",
+            param=param,
         )
-    return compare_distributions(lm_a.distribution(ids_a), lm_b.distribution(ids_b), top, moves)
+    return ids_a

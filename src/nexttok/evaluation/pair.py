@@ -13,17 +13,8 @@ import torch
 from nexttok.distribution import show_token
 from nexttok.errors import NexttokError
 from nexttok.evaluation.metrics import Metrics, summarize
-from nexttok.evaluation.pipeline import (
-    SCHEMA,
-    batches,
-    model_name,
-    plan_jobs,
-    read_text,
-    run,
-    scored_counts,
-    window_setup,
-)
-from nexttok.evaluation.scoring import Positions, batch_logits, position_stats
+from nexttok.evaluation.pipeline import SCHEMA, batches, model_name, prepare, run, scored_counts
+from nexttok.evaluation.scoring import Positions, scored
 
 if TYPE_CHECKING:
     from nexttok.lm import LM
@@ -81,12 +72,8 @@ def evaluate_pair(a: LM, b: LM, data, *, context=None, stride=None, windows="str
                   progress=False) -> PairResult:  # fmt: skip
     """:func:`nexttok.evaluate`'s figures for both models on the same windows, and their divergence."""
     same_tokenizer(a, b)
-    text = read_text(a, data, split, holdout_fraction, text_field, limit_tokens, progress)
-    ctx = min(context or 1 << 30, *(window_setup(m, None, None, windows, bos)["context"] for m in (a, b)))
-    setup = window_setup(a, context or ctx, stride, windows, bos)
-    window_setup(b, setup["context"], stride, windows, bos)  # B's limits too
-    jobs = plan_jobs(text, setup["context"], setup["stride"], windows, setup["bos"])
-    size = batch_size or max(1, 4096 // setup["context"])
+    text, setup, jobs, size = prepare([a, b], data, context, stride, windows, bos, split, holdout_fraction,
+                                      text_field, limit_tokens, batch_size, progress)  # fmt: skip
     parts = run(
         batches(a, text, jobs, size), lambda batch: _both(a, b, batch), sum(j.window.scored for j in jobs), progress
     )
@@ -107,11 +94,8 @@ def evaluate_pair(a: LM, b: LM, data, *, context=None, stride=None, windows="str
 
 
 def _both(a: LM, b: LM, batch: dict):
-    la, targets = batch_logits(a.model, batch)
-    lb, _ = batch_logits(b.model, batch)
-    pa, pb = position_stats(la, targets, top=1), position_stats(lb, targets, top=1)
-    for p in (pa, pb):
-        p.context = batch["context"].numpy().astype(np.int64)
+    la, _, pa = scored(a.model, batch, top=1)
+    lb, _, pb = scored(b.model, batch, top=1)
     lpa, lpb = torch.log_softmax(la.float(), -1), torch.log_softmax(lb.float().to(la.device), -1)  # (N, V)
     kl = (lpa.exp() * (lpa - lpb)).sum(-1).clamp_min(0)  # (N,)
     return pa, pb, kl.cpu().numpy()

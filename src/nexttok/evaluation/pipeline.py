@@ -18,8 +18,8 @@ from nexttok.data.blocks import split_documents, text_tables, tokenize
 from nexttok.data.sources import PACKAGED, load_corpus
 from nexttok.errors import NexttokError
 from nexttok.evaluation import windows as win
-from nexttok.evaluation.metrics import Metrics, fit_temperature, summarize
-from nexttok.evaluation.scoring import Positions, batch_logits, gather, position_stats, score_batch
+from nexttok.evaluation.metrics import Metrics, ece, fit_temperature, summarize
+from nexttok.evaluation.scoring import Positions, gather, mine, position_stats, score_batch, scored
 from nexttok.memory import available_bytes
 
 if TYPE_CHECKING:
@@ -172,11 +172,7 @@ def batches(lm: LM, text: Text, jobs: Sequence[Job], size: int) -> Iterator[tupl
     """(index, batch) of ``size`` windows each, this rank's share only (every world-th)."""
     tok = lm.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    world, rank = distributed.world(), distributed.rank()
-    for i, lo in enumerate(range(0, len(jobs), size)):
-        if i % world != rank:
-            continue
-        group = jobs[lo : lo + size]
+    for i, group in mine(jobs[lo : lo + size] for lo in range(0, len(jobs), size)):
         parts = [win.batch(text.ids[j.doc], [j.window], tok.bos_token_id, pad) for j in group]
         yield i, _stack(parts, pad)
 
@@ -206,12 +202,11 @@ def evaluate_source(model: torch.nn.Module, source, batch_size: int, limit: int)
     batches of ``source.eval_batches``; with several processes each rank scores every world-th batch."""
     was_training = model.training
     model.eval()
-    world, rank, parts = distributed.world(), distributed.rank(), []
+    parts = []
     with torch.inference_mode():
-        for i, batch in enumerate(source.eval_batches(batch_size, limit)):
-            if i % world == rank:
-                counts = (int(batch.get("n_bytes", 0)), int(batch.get("n_chars", 0)))
-                parts.append((i, (score_batch(model, batch), counts)))
+        for i, batch in mine(source.eval_batches(batch_size, limit)):
+            counts = (int(batch.get("n_bytes", 0)), int(batch.get("n_chars", 0)))
+            parts.append((i, (score_batch(model, batch), counts)))
     model.train(was_training)
     items = gather(parts)
     if not items:
@@ -266,15 +261,13 @@ def evaluate(
     ``strided`` or ``disjoint`` (see :mod:`nexttok.evaluation.windows`); ``bos`` defaults to whether the
     tokenizer has one. ``fit_temperature`` fits a temperature on the first half of the windows and reports
     the second half before and after; ``top`` keeps each position's top alternatives (for records)."""
-    text = read_text(lm, data, split, holdout_fraction, text_field, limit_tokens, progress)
-    setup = window_setup(lm, context, stride, windows, bos)
-    jobs = plan_jobs(text, setup["context"], setup["stride"], windows, setup["bos"])
-    size = batch_size or max(1, 4096 // setup["context"])
+    text, setup, jobs, size = prepare([lm], data, context, stride, windows, bos, split, holdout_fraction,
+                                      text_field, limit_tokens, batch_size, progress)  # fmt: skip
     total = sum(j.window.scored for j in jobs)
     if fit_temperature:
         positions, fit = _with_temperature(lm, text, jobs, size, top, progress)
     else:
-        parts = run(batches(lm, text, jobs, size), lambda b: _scored(lm, b, top)[2], total, progress)
+        parts = run(batches(lm, text, jobs, size), lambda b: score_batch(lm.model, b, top), total, progress)
         positions, fit = Positions.cat(parts), None
     n_bytes, n_chars = scored_counts(lm, text, jobs)
     metrics = summarize(positions, n_bytes, n_chars, text.words)
@@ -282,13 +275,22 @@ def evaluate(
     return EvalResult(model_name(lm), text.source, setup, metrics, fit, positions, jobs, text)
 
 
-def window_setup(lm: LM, context: int | None, stride: int | None, mode: str, bos: bool | None) -> dict[str, Any]:
+def prepare(lms: Sequence[LM], data, context, stride, windows, bos, split, holdout_fraction, text_field,
+            limit_tokens, batch_size, progress) -> tuple[Text, dict[str, Any], list[Job], int]:  # fmt: skip
+    """The text, the windows' setup, the jobs and the batch size that every model in ``lms`` can score."""
+    text = read_text(lms[0], data, split, holdout_fraction, text_field, limit_tokens, progress)
+    context = context or min(default_context(m) for m in lms)
+    setup = [window_setup(m, context, stride, windows, bos) for m in lms][0]  # each model's limits checked
+    jobs = plan_jobs(text, setup["context"], setup["stride"], windows, setup["bos"])
+    return text, setup, jobs, batch_size or max(1, 4096 // setup["context"])
+
+
+def window_setup(lm: LM, context: int, stride: int | None, mode: str, bos: bool | None) -> dict[str, Any]:
     limit = model_context(lm)
-    if context is not None and context > limit:
+    if context > limit:
         raise NexttokError(
             f"--context {context} is above the model's {limit} positions; give at most {limit}", "context"
         )
-    context = context or default_context(lm)
     has_bos = lm.tokenizer.bos_token_id is not None
     if bos and not has_bos:
         raise NexttokError("this tokenizer has no BOS token; drop --bos", param="bos")
@@ -299,13 +301,6 @@ def window_setup(lm: LM, context: int | None, stride: int | None, mode: str, bos
         "stride": None if mode == "disjoint" else (context // 2 if stride is None else stride),
         "bos": bos,
     }
-
-
-def _scored(lm: LM, batch: dict, top: int) -> tuple[torch.Tensor, torch.Tensor, Positions]:
-    logits, targets = batch_logits(lm.model, batch)
-    pos = position_stats(logits, targets, 1.0, top)
-    pos.context = batch["context"].numpy().astype(np.int64)
-    return logits, targets, pos
 
 
 def _with_temperature(lm: LM, text: Text, jobs: list[Job], size: int, top: int, progress: bool):
@@ -321,14 +316,14 @@ def _with_temperature(lm: LM, text: Text, jobs: list[Job], size: int, top: int, 
     every = max(1, math.ceil(sum(j.window.scored for j in first) / FIT_ROWS))
 
     def keep(batch):
-        logits, targets, pos = _scored(lm, batch, top)
+        logits, targets, pos = scored(lm.model, batch, top)
         return pos, logits[::every].float().cpu(), targets[::every].cpu()
 
     parts = run(batches(lm, text, first, size), keep, sum(j.window.scored for j in first), progress)
     t = fit_temperature(torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts]))
 
     def both(batch):
-        logits, targets, pos = _scored(lm, batch, top)
+        logits, targets, pos = scored(lm.model, batch, top)
         return pos, position_stats(logits, targets, t)
 
     later = run(batches(lm, text, second, size), both, sum(j.window.scored for j in second), progress)
@@ -338,8 +333,6 @@ def _with_temperature(lm: LM, text: Text, jobs: list[Job], size: int, top: int, 
 
 
 def _fit_report(t: float, fitted_on: int, before: Positions, after: Positions) -> TemperatureFit:
-    from nexttok.evaluation.metrics import ece
-
     return TemperatureFit(
         temperature=t,
         fitted_on=fitted_on,

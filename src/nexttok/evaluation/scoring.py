@@ -8,8 +8,9 @@ rank, the entropy, the top-1 probability and whether it was right.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ import torch
 from nexttok import distributed
 from nexttok.loss import MODEL_KEYS, trained_positions_only
 
+T = TypeVar("T")
 ROWS = 256  # positions per chunk of the vocabulary-wide statistics: bounds their temporaries
 
 
@@ -53,9 +55,6 @@ class Positions:
     def empty(cls) -> Positions:
         types = (np.int64, np.float64, np.int64, np.float32, np.float32, bool, np.float32, np.int64)
         return cls(*(np.zeros(0, dtype=t) for t in types))
-
-    def take(self, index: np.ndarray | slice) -> Positions:
-        return Positions(**{f.name: None if (v := getattr(self, f.name)) is None else v[index] for f in fields(self)})
 
 
 @torch.no_grad()
@@ -121,13 +120,25 @@ def batch_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tupl
 
 
 @torch.no_grad()
-def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], temperature: float = 1.0, top: int = 0):
-    """:class:`Positions` of one batch (its ``context`` from the batch when it carries one)."""
+def scored(model: torch.nn.Module, batch: dict[str, torch.Tensor], top: int = 0):
+    """One batch's (N, V) logits, (N,) true tokens and :class:`Positions` (their ``context`` from the batch
+    when it carries one)."""
     logits, targets = batch_logits(model, batch)
-    out = position_stats(logits, targets, temperature, top)
+    out = position_stats(logits, targets, top=top)
     if "context" in batch:
         out.context = batch["context"].numpy().astype(np.int64)
-    return out
+    return logits, targets, out
+
+
+def score_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], top: int = 0) -> Positions:
+    """:class:`Positions` of one batch."""
+    return scored(model, batch, top)[2]
+
+
+def mine(items: Iterable[T]) -> Iterator[tuple[int, T]]:
+    """(index, item) of this rank's share of ``items``: every world-th (all of them in one process)."""
+    world, rank = distributed.world(), distributed.rank()
+    return ((i, x) for i, x in enumerate(items) if i % world == rank)
 
 
 def gather(parts: list[tuple[int, object]]) -> list[object]:

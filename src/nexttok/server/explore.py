@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nexttok.compare import compare_distributions
+from nexttok import compare
 from nexttok.distribution import Distribution, show_token
 from nexttok.errors import NexttokError
 from nexttok.processors import apply_traced, build_processors
@@ -134,16 +134,12 @@ def compared(names: list[str], req: CompareRequest) -> tuple[str, str]:
 
 def same_ids(lm_a: LM, lm_b: LM, req: CompareRequest) -> list[int]:
     """The prompt's ids, which must be the same under both models' tokenizers."""
-    ids = tr.request_ids(lm_a, req)
-    if tr.request_ids(lm_b, req) != ids:
-        raise NexttokError("the two models tokenize the prompt differently; compare needs models with the same "
-                           "tokenizer (e.g. a base model and its fine-tune)", param="b")  # fmt: skip
-    return ids
+    return compare.same_ids(tr.request_ids(lm_a, req), tr.request_ids(lm_b, req), param="b")
 
 
 def comparison(a: str, b: str, dist_a: Distribution, dist_b: Distribution, req: CompareRequest) -> dict[str, Any]:
     """``nexttok compare --json``'s numbers, with each token as shown and the two models' names."""
-    out = compare_distributions(dist_a, dist_b, req.top, req.moves).to_dict()
+    out = compare.compare_distributions(dist_a, dist_b, req.top, req.moves).to_dict()
     for key in ("candidates", "gains", "losses"):
         for row in out[key]:
             row["shown"] = show_token(row["text"])
