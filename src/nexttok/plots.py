@@ -106,3 +106,77 @@ def plot_reliability(bins, title: str, path: str | Path, ece: float | None = Non
     ax.set_title("\n".join(textwrap.wrap(full, 60)), fontsize=9)
     ax.legend(loc="upper left", fontsize=8)
     return _save(plt, fig, path)
+
+
+def _printable(text: str) -> str:
+    """Control characters have no glyph: show them escaped."""
+    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
+
+
+def plot_lens(lens, path: str | Path) -> Path:
+    """The logit lens as a heatmap (``nexttok predict --layers --plot``): one row per layer, embeddings at
+    the bottom; one column per token of the final layer's top; each cell that token's probability there.
+    ``lens``: a :class:`nexttok.lens.Lens`, its :func:`nexttok.lens.lens_report`, or a predict report with it."""
+    from nexttok.lens import lens_report
+
+    report = lens if isinstance(lens, dict) else lens_report(lens)
+    report = report.get("layers", report)
+    rows, tokens = report["rows"], report["tokens"]
+    grid = [r["probs"] for r in rows]  # (L+1, top)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.75 * len(tokens) + 2.5), max(3.0, 0.38 * len(rows) + 1.6)))
+    image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    for y, row in enumerate(grid):
+        for x, p in enumerate(row):
+            ax.text(x, y, f"{p:.2f}", ha="center", va="center", fontsize=7, color="black" if p > 0.6 else "white")
+    ax.set_xticks(range(len(tokens)), [_printable(t["shown"]) for t in tokens], rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), [r["label"] for r in rows])
+    ax.set_xlabel("the last layer's top tokens")
+    ax.set_ylabel("layer")
+    fig.colorbar(image, ax=ax, label="probability")
+    ax.set_title(f"logit lens: next token after {report['context_tail']!r}", fontsize=10)
+    return _save(plt, fig, path)
+
+
+def plot_patterns(result, path: str | Path) -> Path:
+    """Agreement of the model's top-1 with the corpus's (the infinity-gram's) against the length of the
+    suffix the corpus matched, with each bucket's share of the positions."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    buckets = [b for b in result.buckets if b.positions]
+    x = range(len(buckets))
+    ax.bar(x, [b.agreement for b in buckets], color="tab:blue", alpha=0.85, label="model top-1 = corpus top-1")
+    ax.plot(x, [b.model_accuracy for b in buckets], "o-", color="tab:green", label="model top-1 correct")
+    ax.plot(x, [b.corpus_accuracy for b in buckets], "s--", color="tab:orange", label="corpus top-1 correct")
+    for i, b in enumerate(buckets):
+        ax.text(i, min(b.agreement, 0.92) + 0.02, f"{b.share:.0%}\nof positions", ha="center", fontsize=7)
+    ax.set_xticks(list(x), [b.label for b in buckets])
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("length of the longest suffix of the context found in the corpus (tokens)")
+    ax.set_ylabel("share of positions")
+    ax.set_title(f"{result.model} vs its corpus on {result.source}: agreement {result.agreement:.1%}", fontsize=9)
+    ax.legend(loc="upper left", fontsize=7)
+    return _save(plt, fig, path)
+
+
+def plot_memorization(sides: list, path: str | Path) -> Path:
+    """The extractable share of windows against how often each window occurs in the corpus, per model
+    and set of windows."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    labels = [r["occurrences"] for r in sides[0].by_duplicates] if sides else []
+    for s in sides:
+        labels += [r["occurrences"] for r in s.by_duplicates if r["occurrences"] not in labels]
+    order = {lab: i for i, lab in enumerate(sorted(labels, key=lambda lab: int(lab.strip(">").split("-")[0])))}
+    width = 0.8 / max(len(sides), 1)
+    for j, s in enumerate(sides):
+        xs = [order[r["occurrences"]] + (j - (len(sides) - 1) / 2) * width for r in s.by_duplicates]
+        ax.bar(xs, [r["extractable"] for r in s.by_duplicates], width, label=f"{s.model}, {s.windows} windows")
+        for xi, r in zip(xs, s.by_duplicates, strict=True):
+            ax.text(xi, r["extractable"] + 0.02, f"n={r['windows']}", ha="center", fontsize=6)
+    ax.set_xticks(list(order.values()), list(order))
+    ax.set_ylim(0, 1.1)
+    ax.set_xlabel("occurrences of the whole window in the corpus")
+    ax.set_ylabel("extractable share (greedy reproduces the suffix)")
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)

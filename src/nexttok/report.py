@@ -10,7 +10,7 @@ from nexttok.distribution import Distribution, show_token
 if TYPE_CHECKING:
     from nexttok.lm import LM
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def distribution_report(dist: Distribution, top: int, queries: list[str | int]) -> dict:

@@ -16,9 +16,11 @@ from nexttok.cli.app import app
 
 # Verb modules register their commands on `app` when imported.
 with gc_pause.paused():  # their imports (datasets, peft, ...): see gc_pause.py
+    from nexttok.cli import corpus as _corpus  # noqa: E402,F401
     from nexttok.cli import evaluate as _evaluate  # noqa: E402,F401
     from nexttok.cli import finetune as _finetune  # noqa: E402,F401
     from nexttok.cli import generate as _generate  # noqa: E402,F401
+    from nexttok.cli import patterns as _patterns  # noqa: E402,F401
     from nexttok.cli import predict as _predict  # noqa: E402,F401
     from nexttok.cli import serve as _serve  # noqa: E402,F401
     from nexttok.cli import train as _train  # noqa: E402,F401
@@ -26,7 +28,8 @@ with gc_pause.paused():  # their imports (datasets, peft, ...): see gc_pause.py
 # Verbs that load a model, print and write only files they have closed. After them the interpreter's
 # own teardown of torch and transformers is skipped: it took ~1 s of a ~5 s `nexttok predict` (measured).
 # Training verbs exit the normal way.
-QUICK_VERBS = {"predict", "tokenize", "generate", "chat", "compare", "mask-preview", "eval"}
+QUICK_VERBS = {"predict", "tokenize", "generate", "chat", "compare", "mask-preview", "eval", "corpus", "patterns"}
+QUICK_VERBS |= {"memorization"}
 
 
 def main() -> None:

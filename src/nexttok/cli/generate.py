@@ -189,6 +189,16 @@ def generate_cmd(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Say which decoder runs the model and why (also with --trace).")
     ] = False,
+    corpus: Annotated[
+        str | None,
+        typer.Option(
+            "--corpus",
+            help="A corpus index: highlight the output's verbatim spans and say where they come from.",
+            show_default=False,
+        ),
+    ] = None,  # fmt: skip
+    min_span: Annotated[int, typer.Option("--min-span", help="Shortest verbatim span shown, in tokens.")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end instead.")] = False,
     model: ModelOpt = None,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
@@ -201,12 +211,20 @@ def generate_cmd(
     )  # fmt: skip
     if num_samples < 1:
         raise NexttokError(f"--num-samples must be at least 1 (got {num_samples})", param="num_samples")
+    if min_span < 1:
+        raise NexttokError(f"--min-span must be at least 1 (got {min_span})", param="min_span")
     text = read_prompt(prompt)
     lm = load_lm(model, dtype, threads, device)
+    index = open_index(lm, corpus) if corpus else None
     ids = lm.encode(text, chat=chat)
     if verbose or trace:
         err.print(f"[dim]decoder: {decoder_choice(lm)[1]}[/dim]")
     start = time.perf_counter()
+    if as_json:
+        steps = list(generate(lm, ids, config, num_samples=num_samples, trace=stages))
+        _write_json(lm, steps, trace_json)
+        typer.echo(json.dumps(generation_json(lm, text, steps, num_samples, index, min_span), ensure_ascii=False))
+        return
     if num_samples > 1:
         steps = list(generate(lm, ids, config, num_samples=num_samples, trace=stages))
         _write_json(lm, steps, trace_json)
@@ -217,7 +235,62 @@ def generate_cmd(
         steps = _stream(lm, ids, config, trace_json, stages)
         if trace:
             console.print(_trace_table(lm, ids, steps))
+    for i in range(num_samples) if index is not None else ():
+        _print_spans(lm, _sample(steps, i), index, min_span, f"sample {i + 1}: " if num_samples > 1 else "")
     _summary(steps, time.perf_counter() - start)
+
+
+def open_index(lm, folder: str):
+    """The corpus index in ``folder``, checked against ``lm``'s tokenizer."""
+    from nexttok.corpus import CorpusIndex
+
+    index = CorpusIndex(folder)
+    index.check_tokenizer(lm)
+    return index
+
+
+def _sample(steps: list[Step], i: int) -> list[Step]:
+    return [s for s in steps if s.sample == i]
+
+
+def generation_json(lm, prompt: str, steps: list[Step], n: int, index, min_span: int) -> dict:
+    """``generate --json``: each sample's text, tokens and finish; with a corpus, its verbatim spans."""
+    from nexttok.corpus.report import spans_report
+
+    samples = []
+    for i in range(n):
+        mine = _sample(steps, i)
+        out = {"seed": mine[0].seed if mine else None, "text": "".join(s.delta for s in mine)}
+        out["tokens"] = [{"id": s.id, "text": s.text, "logprob": s.logprob} for s in mine]
+        out["finish_reason"] = mine[-1].finish_reason if mine else None
+        if index is not None:
+            out["corpus"] = spans_report(lm, index, [s.id for s in mine], min_span)
+        samples.append(out)
+    return {"schema": "nexttok.generate/1", "prompt": prompt, "samples": samples}
+
+
+def _print_spans(lm, steps: list[Step], index, min_span: int, title: str) -> None:
+    """The output with its verbatim spans highlighted, then each span and where it comes from."""
+    from rich.text import Text
+
+    from nexttok.corpus.report import spans_report
+
+    rep = spans_report(lm, index, [s.id for s in steps], min_span)
+    covered = {p for sp in rep["spans"] for p in range(sp["start"], sp["stop"])}
+    shown = Text()
+    for p, s in enumerate(steps):
+        shown.append(s.text, style="bold magenta underline" if p in covered else "")
+    console.rule(f"{title}verbatim spans of >= {min_span} tokens (highlighted)")
+    console.print(shown)
+    table = Table()
+    for col in ("tokens", "span", "occurrences", "found in"):
+        table.add_column(col, justify="right" if col in ("tokens", "occurrences") else "left", overflow="fold")
+    for sp in rep["spans"]:
+        where = ", ".join(w["name"] for w in sp["where"])
+        table.add_row(str(sp["stop"] - sp["start"]), show_token(sp["text"]), f"{sp['occurrences']:,}", where)
+    if rep["spans"]:
+        console.print(table)
+    console.print(f"{rep['coverage']:.0%} of the {rep['tokens']} output tokens are in verbatim spans of >= {min_span}")
 
 
 def _write_json(lm, steps: list[Step], path: str | None) -> None:

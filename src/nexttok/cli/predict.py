@@ -24,9 +24,11 @@ from nexttok.cli.generate import (
 )
 from nexttok.distribution import Distribution, show_token
 from nexttok.errors import NexttokError
+from nexttok.lens import Lens, lens_report, logit_lens, print_lens
 from nexttok.report import predict_report
 
 BAR = 30
+LENS_TOP = 20  # heatmap columns (and JSON numbers per layer) at most, whatever --top asks
 
 
 def _temperatures(temperature: float, temperatures: str | None) -> list[float]:
@@ -64,7 +66,26 @@ def predict(
     ] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Send the prompt as a user message (chat template).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (schema: docs/predict.md).")] = False,
-    plot: Annotated[str | None, typer.Option("--plot", help="Write a bar chart PNG of the candidates.")] = None,
+    plot: Annotated[
+        str | None,
+        typer.Option("--plot", help="Write a bar chart PNG of the candidates (with --layers: the lens heatmap)."),
+    ] = None,
+    layers: Annotated[
+        bool,
+        typer.Option(
+            "--layers",
+            help="Logit lens: the top token at every layer for the last position (T=1), and each layer's "
+            f"probabilities of the last layer's top --top tokens (at most {LENS_TOP}).",
+        ),
+    ] = False,
+    corpus: Annotated[
+        str | None,
+        typer.Option(
+            "--corpus",
+            help="A corpus index (`nexttok corpus index`): show the infinity-gram distribution beside the model's.",
+            show_default=False,
+        ),
+    ] = None,
     stages: Annotated[
         bool, typer.Option("--stages", help="Show what each sampling stage keeps (with -T and the options below).")
     ] = False,
@@ -88,6 +109,8 @@ def predict(
     sampling = (top_k, top_p, min_p, typical_p, repetition_penalty, presence_penalty, frequency_penalty, logit_bias)
     config = stage_config(temperature, *sampling) if stages else None
     text = read_prompt(prompt)
+    if config is not None and layers:
+        raise NexttokError("--layers and --stages show different things; run them one at a time", param="layers")
     lm = load_lm(model, dtype, threads, device)
     if config is not None:  # the sampling stages, in their fixed order (nexttok.processors)
         return show_stages(lm, text, chat, config, as_json)
@@ -95,17 +118,60 @@ def predict(
     dists = [base.with_temperature(t) for t in temps]
     queries: list[str | int] = [*(token or []), *(token_id or [])]
     report = predict_report(lm, text, chat, dists, top, queries)
+    lens = logit_lens(lm, text, chat=chat, top=min(top, LENS_TOP)) if layers else None
+    if lens is not None:
+        report["layers"] = lens_report(lens)
+    if corpus is not None:
+        report["corpus"] = corpus_report(lm, corpus, base, top)
+    _show(report, dists, lens, as_json)
+    if plot:
+        _write_plot(report, plot, as_json)
+
+
+def _show(report: dict, dists: list[Distribution], lens: Lens | None, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
-    elif len(dists) == 1:
+        return
+    if len(dists) == 1:
         _print_single(report, dists[0])
     else:
         _print_multi(report)
-    if plot:
-        from nexttok.plots import plot_candidates
+    if lens is not None:
+        print_lens(lens, console)
+    if "corpus" in report:
+        _print_corpus(report)
 
-        plot_candidates(report, plot)
-        console.print(f"[dim]wrote {plot}[/dim]") if not as_json else None
+
+def _write_plot(report: dict, path: str, as_json: bool) -> None:
+    """The lens heatmap when the report has the lens (--layers), else the candidates' bar chart."""
+    from nexttok.plots import plot_candidates, plot_lens
+
+    plot_lens(report, path) if "layers" in report else plot_candidates(report, path)
+    console.print(f"[dim]wrote {path}[/dim]") if not as_json else None
+
+
+def corpus_report(lm, folder: str, dist: Distribution, top: int) -> dict:
+    """The infinity-gram distribution after the prompt, and whether its top-1 is the model's."""
+    from nexttok.corpus import CorpusIndex, infgram
+    from nexttok.corpus.report import infgram_report
+
+    index = CorpusIndex(folder)
+    index.check_tokenizer(lm)
+    g = infgram(index, dist.context_ids)
+    model_top1 = dist.top(1)[0].id
+    out = {"index": folder, **infgram_report(lm, g, top), "model_top1": model_top1, "corpus_top1": g.top1}
+    return out | {"top1_agrees": g.top1 == model_top1}
+
+
+def _print_corpus(report: dict) -> None:
+    from nexttok.cli.corpus import print_infgram
+
+    c = report["corpus"]
+    print_infgram(c)
+    model = show_token(next(r["text"] for r in report["distributions"][0]["top"] if r["id"] == c["model_top1"]))
+    corpus = show_token(c["next"][0]["text"]) if c["next"] else "nothing"
+    verdict = "the same" if c["top1_agrees"] else "different"
+    console.print(f"top-1: model {model}, corpus {corpus}: {verdict}")
 
 
 def _context_line(report: dict) -> str:

@@ -76,6 +76,15 @@ def serve(
         float, typer.Option("--shutdown-timeout", help="Seconds SIGTERM waits for requests in flight.")
     ] = 30.0,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level.")] = "info",
+    corpus: Annotated[
+        str | None,
+        typer.Option(
+            "--corpus",
+            help="A corpus index: each answer carries its verbatim spans (nexttok.corpus).",
+            show_default=False,
+        ),
+    ] = None,  # fmt: skip
+    min_span: Annotated[int, typer.Option("--min-span", help="Shortest verbatim span reported, in tokens.")] = 8,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
@@ -87,6 +96,12 @@ def serve(
                              ("--max-body", max_body, 1), ("--max-logprobs", max_logprobs, -1)]:  # fmt: skip
         if value < low:
             raise NexttokError(f"{name} must be at least {low} (got {value})", param=name)
+    if min_span < 1:
+        raise NexttokError(f"--min-span must be at least 1 (got {min_span})", param="min_span")
+    if corpus is not None:
+        from nexttok.corpus import CorpusIndex
+
+        CorpusIndex(corpus)  # a folder that is not an index: one line now, not a failed load later
     if not 0 <= port < 65536:
         raise NexttokError(f"--port must be in 0..65535 (got {port})", param="port")
     if not _loopback(host):
@@ -95,7 +110,7 @@ def serve(
     served = _served(model, served_model_name)
     settings = ServeSettings(
         served_model_name=next(iter(served)), api_key=api_key or None, max_logprobs=max_logprobs, max_n=max_n,
-        max_batch=max_batch, max_queue=max_queue, max_body=max_body,
+        max_batch=max_batch, max_queue=max_queue, max_body=max_body, corpus=corpus, min_span=min_span,
     )  # fmt: skip
     app_ = create_app(_loaders(served, dtype, threads, device), settings)
     _run(app_, host, port, log_level, shutdown_timeout)

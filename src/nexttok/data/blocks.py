@@ -70,25 +70,36 @@ def tokenize(
     docs: list[str], tokenizer: PreTrainedTokenizerBase, eos: bool = True, label: str = "", show: bool = True
 ) -> np.ndarray:
     """All documents' ids in one array, each document followed by EOS when ``eos``; a progress bar (``show``)."""
+    dtype = id_dtype(tokenizer)
+    eos_id = np.array([tokenizer.eos_token_id], dtype=dtype) if eos and tokenizer.eos_token_id is not None else None
+    parts: list[np.ndarray] = []
+    for ids in tokenize_documents(docs, tokenizer, label, show):
+        parts += [ids] if eos_id is None else [ids, eos_id]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def id_dtype(tokenizer: PreTrainedTokenizerBase) -> type:
+    return np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def tokenize_documents(
+    docs: list[str], tokenizer: PreTrainedTokenizerBase, label: str = "", show: bool = True
+) -> list[np.ndarray]:
+    """Each document's ids (no special tokens), encoded in batches of pieces on all cores."""
     from rich.progress import Progress
 
-    vocab = len(tokenizer)
-    dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.uint32
-    backend = tokenizer.backend_tokenizer
-    parts: list[np.ndarray] = []
-    eos_id = np.array([tokenizer.eos_token_id], dtype=dtype) if eos and tokenizer.eos_token_id is not None else None
+    dtype, backend = id_dtype(tokenizer), tokenizer.backend_tokenizer
+    pieces = [(d, piece) for d, doc in enumerate(docs) for piece in _chunks(doc)]
+    parts: list[list[np.ndarray]] = [[] for _ in docs]
     with Progress(transient=True, disable=not show) as bar:
         task = bar.add_task(f"tokenizing {label}".strip(), total=sum(len(d) for d in docs))
-        for doc in docs:
-            pieces = _chunks(doc)
-            for i in range(0, len(pieces), 64):  # encode_batch runs on all cores
-                batch = pieces[i : i + 64]
-                for enc in backend.encode_batch(batch, add_special_tokens=False):
-                    parts.append(np.asarray(enc.ids, dtype=dtype))
-                bar.advance(task, sum(len(p) for p in batch))
-            if eos_id is not None:
-                parts.append(eos_id)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+        for i in range(0, len(pieces), 64):
+            batch = pieces[i : i + 64]
+            encoded = backend.encode_batch([p for _, p in batch], add_special_tokens=False)
+            for (d, _), enc in zip(batch, encoded, strict=True):
+                parts[d].append(np.asarray(enc.ids, dtype=dtype))
+            bar.advance(task, sum(len(p) for _, p in batch))
+    return [np.concatenate(p) if p else np.zeros(0, dtype=dtype) for p in parts]
 
 
 @dataclass
@@ -156,19 +167,26 @@ def _read_cache(folder: Path, cached: bool) -> TokenData:
     return TokenData(arrays["train"], arrays["heldout"], meta, folder, cached)
 
 
+def token_raw(tokenizer) -> list[bytes]:
+    """For each token id, the UTF-8 bytes of text it stands for (special tokens: none)."""
+    dec, specials = byte_decoder(), set(tokenizer.all_special_ids)
+    out = []
+    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if i in specials or piece is None:
+            out.append(b"")
+        elif all(c in dec for c in piece):  # byte-level BPE: one character per byte
+            out.append(bytes(dec[c] for c in piece))
+        else:
+            out.append(tokenizer.decode([i]).encode("utf-8"))
+    return out
+
+
 def text_tables(tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """For each token id: how many UTF-8 bytes of text it stands for, and how many characters start
     in it (bytes that are not continuation bytes). Special tokens stand for no text."""
-    dec, specials = byte_decoder(), set(tokenizer.all_special_ids)
-    n = len(tokenizer)
-    n_bytes, n_chars = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(n)))):
-        if i in specials or piece is None:
-            continue
-        byte_level = all(c in dec for c in piece)  # byte-level BPE: one character per byte
-        raw = bytes(dec[c] for c in piece) if byte_level else tokenizer.decode([i]).encode("utf-8")
-        n_bytes[i] = len(raw)
-        n_chars[i] = sum(1 for b in raw if b & 0xC0 != 0x80)
+    raw = token_raw(tokenizer)
+    n_bytes = np.array([len(r) for r in raw], dtype=np.int64)
+    n_chars = np.array([sum(1 for b in r if b & 0xC0 != 0x80) for r in raw], dtype=np.int64)
     return n_bytes, n_chars
 
 

@@ -25,6 +25,7 @@ class Corpus:
     documents: list[str]
     files: list[Path] = field(default_factory=list)
     replaced_bytes: int = 0
+    origins: list[tuple[int, int]] = field(default_factory=list)  # per document: (index in files, first line)
 
     @property
     def chars(self) -> int:
@@ -68,8 +69,8 @@ def read_text(path: Path) -> tuple[str, int]:
         return text, text.count("\ufffd") - raw.count("\ufffd".encode())
 
 
-def read_table(path: Path, text_field: str) -> list[str]:
-    """The ``text_field`` column of a JSONL/JSON/parquet file, through ``datasets``."""
+def read_table(path: Path, text_field: str) -> list[tuple[int, str]]:
+    """(row, text) of each non-empty ``text_field`` of a JSONL/JSON/parquet file, through ``datasets``."""
     from datasets import Dataset
 
     try:
@@ -81,20 +82,23 @@ def read_table(path: Path, text_field: str) -> list[str]:
             f"'{path}' has no '{text_field}' field (fields: {', '.join(ds.column_names)}); pass --text-field NAME",
             param="text_field",
         )
-    return [t for t in ds[text_field] if isinstance(t, str) and t]
+    return [(i, t) for i, t in enumerate(ds[text_field]) if isinstance(t, str) and t]
 
 
 def load_corpus(paths: list[str], text_field: str = "text", end_newline: bool = True) -> Corpus:
     """Read every document; ``end_newline`` makes each text file end with a newline."""
     corpus = Corpus([])
-    for f in expand(paths):
+    for n, f in enumerate(expand(paths)):
         if f.suffix in TABLE_SUFFIXES:
-            corpus.documents += read_table(f, text_field)
+            rows = read_table(f, text_field)
+            corpus.documents += [t for _, t in rows]
+            corpus.origins += [(n, row + 1) for row, _ in rows]  # a JSONL row's line; a parquet row's number
         else:
             text, bad = read_text(f)
             corpus.replaced_bytes += bad
             if text:
                 corpus.documents.append(text if not end_newline or text.endswith("\n") else text + "\n")
+                corpus.origins.append((n, 1))
         corpus.files.append(f)
     if corpus.replaced_bytes:
         warnings.warn(

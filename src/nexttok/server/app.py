@@ -56,6 +56,8 @@ class ServeSettings:
     max_queue: int = 64
     max_body: int = 4 * 2**20
     retry_after: int = 1
+    corpus: str | None = None  # a corpus index: answers carry their verbatim spans (nexttok.choices[i].corpus)
+    min_span: int = 8
 
 
 class Problem(Exception):
@@ -75,6 +77,7 @@ class Served:
     lm: LM
     scheduler: Scheduler
     scores: explore.ScoreCache = field(default_factory=explore.ScoreCache)
+    spans: Callable[[list[int]], dict] | None = None  # with --corpus: an answer's ids -> its verbatim spans
 
 
 class State:
@@ -95,15 +98,26 @@ class State:
                 lm = load()
                 s = self.settings
                 scheduler = Scheduler(lm, max_batch=s.max_batch, max_queue=s.max_queue, metrics=self.metrics)
+                spans = self._spans(lm)
                 scheduler.start()
                 scheduler.ready.wait()
-                self.models[name] = Served(name, lm, scheduler)
+                self.models[name] = Served(name, lm, scheduler, spans=spans)
                 logging.getLogger("uvicorn.error").info(
                     "nexttok: serving %r (%s; context %s, vocabulary %s); %s", name, lm.source.location,
                     lm.context_length, f"{lm.vocab_size:,}", scheduler.decoder.reason,
                 )  # fmt: skip
         except Exception as e:  # reported by /health and every request
             self.failed = f"{type(e).__name__}: {e}"
+
+    def _spans(self, lm: LM) -> Callable[[list[int]], dict] | None:
+        if self.settings.corpus is None:
+            return None
+        from nexttok.corpus import CorpusIndex
+        from nexttok.corpus.report import spans_report
+
+        index = CorpusIndex(self.settings.corpus)
+        index.check_tokenizer(lm)
+        return lambda ids: spans_report(lm, index, ids, self.settings.min_span)
 
     def served(self, name: str | None = None) -> Served:
         """The model a request names (``None``: the first); 503 while loading, 404 for a name not served."""
@@ -234,7 +248,7 @@ async def _answer(state: State, m: Served, plan: cm.Plan, req, request: Request,
                       code="server_busy", headers={"Retry-After": retry}) from None  # fmt: skip
     if req.stream:
         include = bool(req.stream_options and req.stream_options.include_usage)
-        body = cm.stream(lm, flight, model, include, chat_logprobs)
+        body = cm.stream(lm, flight, model, include, chat_logprobs, m.spans)
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     task = asyncio.ensure_future(cm.collect(flight))
     while not task.done():  # a client that goes away before its answer frees its rows
@@ -246,8 +260,10 @@ async def _answer(state: State, m: Served, plan: cm.Plan, req, request: Request,
             return Response(status_code=499)
     choices = task.result()
     if chat_logprobs is None:
-        return cm.completion_body(lm, plan, choices, model, decoder).model_dump()
-    return cm.chat_body(lm, plan, choices, model, decoder, chat_logprobs).model_dump()
+        body = cm.completion_body(lm, plan, choices, model, decoder).model_dump()
+    else:
+        body = cm.chat_body(lm, plan, choices, model, decoder, chat_logprobs).model_dump()
+    return cm.with_spans(body, choices, m.spans)
 
 
 def _card(state: State, m: Served) -> ModelCard:

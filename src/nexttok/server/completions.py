@@ -8,7 +8,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -180,6 +180,17 @@ def _usage(plan: Plan, choices: list[Choice]) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=done, total_tokens=prompt + done)
 
 
+Spans = Callable[[list[int]], dict] | None
+
+
+def with_spans(body: dict, choices: list[Choice], spans: Spans) -> dict:
+    """``body`` with each choice's verbatim spans in ``nexttok.choices[i].corpus`` (``serve --corpus``)."""
+    if spans is not None:
+        for row, c in zip(body["nexttok"]["choices"], choices, strict=True):
+            row["corpus"] = spans([s.id for s in c.steps])
+    return body
+
+
 def _extension(lm: LM, plan: Plan, choices: list[Choice], decoder: str) -> dict[str, Any]:
     rows = []
     for c in choices:
@@ -246,8 +257,11 @@ def _sse(body: dict) -> str:
     return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def stream(lm: LM, flight: Flight, model: str, include_usage: bool, chat_logprobs: bool | None = None):
-    """The request's chunks as server-sent events, ``data: [DONE]`` last. ``chat_logprobs`` None: completions."""
+async def stream(
+    lm: LM, flight: Flight, model: str, include_usage: bool, chat_logprobs: bool | None = None, spans: Spans = None
+):
+    """The request's chunks as server-sent events, ``data: [DONE]`` last. ``chat_logprobs`` None: completions.
+    ``spans`` (``serve --corpus``): a choice's last chunk carries its verbatim spans in ``nexttok.corpus``."""
     plan, chat = flight.plan, chat_logprobs is not None
     choices = [Choice(i) for i in range(len(plan.jobs) * plan.n)]
     rid, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time())
@@ -264,7 +278,10 @@ async def stream(lm: LM, flight: Flight, model: str, include_usage: bool, chat_l
             elif kind == "prompt":
                 yield from_prompt(lm, plan, job, payload, head)
             for choice, step in _absorb(choices, plan, job, kind, payload):
-                yield _sse(_chunk(lm, plan, choice, step, head, chat, chat_logprobs))
+                chunk = _chunk(lm, plan, choice, step, head, chat, chat_logprobs)
+                if spans is not None and step.finish_reason:
+                    chunk["nexttok"]["corpus"] = spans([s.id for s in choice.steps])
+                yield _sse(chunk)
     except NexttokError as e:
         yield _sse({"error": error_body(str(e), e.param)["error"]})
     if include_usage:
