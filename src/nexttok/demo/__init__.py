@@ -1,0 +1,1 @@
+"""Worked examples that make a claim about language models concrete, end to end."""
