@@ -36,7 +36,10 @@ def _index(lm, folder: str):
 @app.command()
 def patterns(
     corpus: CorpusOpt,
-    data: DataOpt = None,
+    data: Annotated[
+        list[str],
+        typer.Option("--data", "-d", help="The held-out text (files, folders, a packaged corpus).", show_default=False),
+    ],
     split: SplitOpt = "heldout",
     context: Annotated[int | None, typer.Option(help="Model window in tokens.", show_default=False)] = None,
     limit_tokens: Annotated[int, typer.Option(help="Score the first N tokens.")] = 20000,
@@ -52,7 +55,7 @@ def patterns(
 
     lm = load_lm(model, dtype, threads, device)
     index = _index(lm, corpus)
-    result = run(lm, index, data or ["shakespeare"], progress=console.is_terminal and not as_json,
+    result = run(lm, index, data, progress=console.is_terminal and not as_json,
                  split=split, context=context, limit_tokens=limit_tokens)  # fmt: skip
     if result.positions and np.median(result.suffix_length) > 32:
         warnings.warn("the median matched suffix is over 32 tokens: this text looks like part of the corpus "
