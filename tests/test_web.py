@@ -21,11 +21,22 @@ def other_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(tiny_model_dir, other_dir):
+def corpus_dir(tmp_path_factory, tiny_lm):
+    from conftest import tiny_corpus
+
+    from nexttok.corpus import index_corpus
+
+    folder = tmp_path_factory.mktemp("web-corpus")
+    (folder / "plays.txt").write_text(tiny_corpus(8000), encoding="utf-8")
+    return index_corpus(tiny_lm, [str(folder / "plays.txt")], folder / "index", show=False).folder
+
+
+@pytest.fixture(scope="module")
+def page(tiny_model_dir, other_dir, corpus_dir):
     import nexttok
 
     loads = {"tiny": lambda: nexttok.load(str(tiny_model_dir)), "tiny-b": lambda: nexttok.load(str(other_dir))}
-    with running(loads) as (base, _):
+    with running(loads, corpus=str(corpus_dir), min_span=2) as (base, _):
         driver = chromium()
         try:
             driver.get(base + "/")
@@ -154,6 +165,30 @@ def test_ask_twice_shows_samples_with_seeds_that_replay(page, tiny_lm):
     render(page, cards[1].find_element("tag name", "button").click)
     assert cards[1].find_element("css selector", ".replayed").get_attribute("data-same") == "true"
     assert page.find_element("id", "prompt").get_property("value") == PROMPT + text
+
+
+def test_ask_underlines_the_verbatim_spans_the_server_found(page, tiny_lm, corpus_dir):
+    from nexttok.corpus import CorpusIndex
+    from nexttok.corpus.report import spans_report
+
+    start(page, PROMPT)
+    page.execute_script("document.getElementById('ask-n').value = 1; document.getElementById('ask-max').value = 16;")
+    page.find_element("id", "ask").click()
+    wait(page, lambda d: len(d.find_elements("css selector", "#samples .sample")) == 1)
+    card = page.find_element("css selector", "#samples .sample")
+    seed = int(card.get_attribute("data-seed"))
+    ids = [
+        s.id
+        for s in generate(tiny_lm, PROMPT, SamplingConfig(seed=seed, max_new_tokens=16))
+        if s.finish_reason != "eos"
+    ]
+    want = spans_report(tiny_lm, CorpusIndex(corpus_dir), ids, 2)
+    tokens = card.find_elements("css selector", ".sample-text span")
+    underlined = {j for j, t in enumerate(tokens) if "verbatim" in t.get_attribute("class").split()}
+    assert underlined == {j for s in want["spans"] for j in range(s["start"], s["stop"])}
+    info = card.find_element("css selector", ".verbatim-info")
+    assert float(info.get_attribute("data-coverage")) == pytest.approx(want["coverage"])
+    assert all(w["name"] in info.text for s in want["spans"] for w in s["where"])
 
 
 def test_compare_shows_the_two_models_divergence(page, tiny_lm, other_dir):

@@ -49,6 +49,24 @@ def _loopback(host: str) -> bool:
         return False
 
 
+CorpusOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--corpus", help="A corpus index: each answer carries its verbatim spans (nexttok.corpus).", show_default=False
+    ),
+]
+MinSpanOpt = Annotated[int, typer.Option("--min-span", help="Shortest verbatim span reported, in tokens.")]
+
+
+def _check_corpus(corpus: str | None, min_span: int) -> None:
+    if min_span < 1:
+        raise NexttokError(f"--min-span must be at least 1 (got {min_span})", param="min_span")
+    if corpus is not None:
+        from nexttok.corpus import CorpusIndex
+
+        CorpusIndex(corpus)  # a folder that is not an index: one line now, not a failed load later
+
+
 @app.command()
 def serve(
     model: ModelsOpt = None,
@@ -76,15 +94,8 @@ def serve(
         float, typer.Option("--shutdown-timeout", help="Seconds SIGTERM waits for requests in flight.")
     ] = 30.0,
     log_level: Annotated[str, typer.Option("--log-level", help="uvicorn's log level.")] = "info",
-    corpus: Annotated[
-        str | None,
-        typer.Option(
-            "--corpus",
-            help="A corpus index: each answer carries its verbatim spans (nexttok.corpus).",
-            show_default=False,
-        ),
-    ] = None,  # fmt: skip
-    min_span: Annotated[int, typer.Option("--min-span", help="Shortest verbatim span reported, in tokens.")] = 8,
+    corpus: CorpusOpt = None,
+    min_span: MinSpanOpt = 8,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
@@ -96,12 +107,7 @@ def serve(
                              ("--max-body", max_body, 1), ("--max-logprobs", max_logprobs, -1)]:  # fmt: skip
         if value < low:
             raise NexttokError(f"{name} must be at least {low} (got {value})", param=name)
-    if min_span < 1:
-        raise NexttokError(f"--min-span must be at least 1 (got {min_span})", param="min_span")
-    if corpus is not None:
-        from nexttok.corpus import CorpusIndex
-
-        CorpusIndex(corpus)  # a folder that is not an index: one line now, not a failed load later
+    _check_corpus(corpus, min_span)
     if not 0 <= port < 65536:
         raise NexttokError(f"--port must be in 0..65535 (got {port})", param="port")
     if not _loopback(host):
@@ -139,6 +145,8 @@ def playground(
     model: ModelsOpt = None,
     port: Annotated[int, typer.Option("--port", help="TCP port (0: a free one).")] = 0,
     open_browser: Annotated[bool, typer.Option("--open/--no-open", help="Open the page in the browser.")] = True,
+    corpus: CorpusOpt = None,
+    min_span: MinSpanOpt = 8,
     dtype: DtypeOpt = "float32",
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
@@ -146,6 +154,7 @@ def playground(
     """Watch and steer next-token prediction in the browser: `nexttok serve` on loopback, and its page."""
     from nexttok.server.app import ServeSettings, create_app
 
+    _check_corpus(corpus, min_span)
     if port == 0:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -166,5 +175,6 @@ def playground(
             typer.echo(f"open {url} in a browser", err=True)
 
     served = _served(model, None)
-    app_ = create_app(_loaders(served, dtype, threads, device), ServeSettings(served_model_name=next(iter(served))))
+    settings = ServeSettings(served_model_name=next(iter(served)), corpus=corpus, min_span=min_span)
+    app_ = create_app(_loaders(served, dtype, threads, device), settings)
     _run(app_, "127.0.0.1", port, "warning", 5.0, on_ready=ready)

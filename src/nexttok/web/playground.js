@@ -287,8 +287,12 @@ async function ask() {
 function card(r, i, base, max) {
   const info = r.nexttok.choices[i];
   const total = r.choices[i].logprobs.token_logprobs.reduce((a, b) => a + b, 0);
-  const text = el("p", { className: "sample-text" }, ...tokensOf(r, i).map((t) =>
-    el("span", { className: bucket(t.rank), textContent: t.text, title: `rank ${t.rank}, p ${t.prob.toFixed(4)}` })));
+  // With `serve --corpus`, tokens inside a verbatim span of the training corpus are underlined.
+  const spans = info.corpus ? info.corpus.spans : [];
+  const copied = (j) => spans.some((s) => s.start <= j && j < s.stop);
+  const text = el("p", { className: "sample-text" }, ...tokensOf(r, i).map((t, j) =>
+    el("span", { className: bucket(t.rank) + (copied(j) ? " verbatim" : ""), textContent: t.text,
+      title: `rank ${t.rank}, p ${t.prob.toFixed(4)}` })));
   const replay = el("button", { textContent: "Replay" });
   const said = el("p", { className: "replayed" });
   replay.addEventListener("click", guarded(async () => {
@@ -304,10 +308,20 @@ function card(r, i, base, max) {
   const c = el("article", { className: "sample" },
     el("h3", { textContent: `sample ${i + 1}` }),
     el("p", { className: "meta", textContent: `seed ${info.seed} · log P = ${total.toFixed(3)} · ${info.tokens.length} tokens · finish: ${info.finish}` }),
-    text, replay, said);
+    text, ...verbatim(info.corpus), replay, said);
   c.dataset.seed = info.seed;
   c.dataset.logprob = total;
   return c;
+}
+
+function verbatim(corpus) {
+  if (!corpus) return [];
+  const where = corpus.spans.map((s) => `${JSON.stringify(s.text)} (${s.where.map((w) => w.name).join(", ")})`);
+  const line = el("p", { className: "verbatim-info",
+    textContent: `${(100 * corpus.coverage).toFixed(0)}% of the tokens in verbatim spans of >= ${corpus.min_span} ` +
+      `tokens from the corpus${where.length ? ": " + where.join("; ") : ""}` });
+  line.dataset.coverage = corpus.coverage;
+  return [line];
 }
 
 function bucket(rank) {
