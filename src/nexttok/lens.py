@@ -7,14 +7,13 @@ the output layer alone: the lens's last row is then the model's own distribution
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from nexttok.distribution import show_token
+from nexttok.distribution import Distribution, show_token
 from nexttok.errors import NexttokError
 
 if TYPE_CHECKING:
@@ -103,25 +102,25 @@ def logit_lens(lm: LM, text: str, chat: bool = False, top: int = 10) -> Lens:
     ids = lm.encode(text, chat=chat)
     logprobs = torch.log_softmax(layer_logits(lm, ids), dim=-1)  # (L+1, V)
     columns = torch.topk(logprobs[-1], min(top, logprobs.shape[1])).indices.tolist()
-    layers = [_layer(lm, i, lp, columns) for i, lp in enumerate(logprobs)]
+    layers = [_layer(lm, i, lp, ids, columns) for i, lp in enumerate(logprobs)]
     context = "".join(lm.token_text(i) for i in ids)
     texts = [lm.token_text(c) for c in columns]
     return Lens(text, chat, ids, context, columns, texts, layers, logprobs)
 
 
-def _layer(lm: LM, index: int, logprobs: torch.Tensor, columns: list[int]) -> LensLayer:
-    probs = logprobs.exp()  # (V,)
-    best, final = int(logprobs.argmax()), columns[0]
+def _layer(lm: LM, index: int, logprobs: torch.Tensor, ids: list[int], columns: list[int]) -> LensLayer:
+    d = Distribution(logprobs, lm, ids)  # this layer's reading, with predict's top, rank and entropy
+    best, final = d.top(1)[0], columns[0]
     return LensLayer(
         layer=index,
         label="embed" if index == 0 else str(index),
-        top_id=best,
-        top_text=lm.token_text(best),
-        top_prob=float(probs[best]),
-        entropy_bits=float(-(probs * logprobs).nan_to_num().sum()) / math.log(2),
-        final_prob=float(probs[final]),
-        final_rank=int((logprobs > logprobs[final]).sum()) + 1,
-        probs=[float(probs[c]) for c in columns],
+        top_id=best.id,
+        top_text=best.text,
+        top_prob=best.prob,
+        entropy_bits=d.entropy_bits,
+        final_prob=float(d.probs[final]),
+        final_rank=d.rank_of(final),
+        probs=[float(d.probs[c]) for c in columns],
     )
 
 

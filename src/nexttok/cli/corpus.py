@@ -59,9 +59,8 @@ def query(
     from nexttok.corpus import CorpusIndex, count, infgram, locate, next_counts
     from nexttok.corpus.report import infgram_report
 
-    idx = CorpusIndex(corpus)
     lm = load_lm(model, "float32", None, "cpu")
-    idx.check_tokenizer(lm)
+    idx = CorpusIndex.open(corpus, lm)
     ids = lm.encode(read_prompt(text))
     g = infgram(idx, ids)
     report = {

@@ -152,7 +152,7 @@ def _samples_table(lm, steps: list[Step], n: int) -> None:
         table.add_column(col, justify="left" if col in ("completion", "finish") else "right", overflow="fold")
     texts = []
     for i in range(n):
-        mine = [s for s in steps if s.sample == i]
+        mine = _sample(steps, i)
         text = "".join(s.delta for s in mine)
         texts.append(text)
         table.add_row(
@@ -215,7 +215,12 @@ def generate_cmd(
         raise NexttokError(f"--min-span must be at least 1 (got {min_span})", param="min_span")
     text = read_prompt(prompt)
     lm = load_lm(model, dtype, threads, device)
-    index = open_index(lm, corpus) if corpus else None
+    if corpus:
+        from nexttok.corpus import CorpusIndex  # numba and the index only when asked for
+
+        index = CorpusIndex.open(corpus, lm)
+    else:
+        index = None
     ids = lm.encode(text, chat=chat)
     if verbose or trace:
         err.print(f"[dim]decoder: {decoder_choice(lm)[1]}[/dim]")
@@ -229,7 +234,7 @@ def generate_cmd(
         steps = list(generate(lm, ids, config, num_samples=num_samples, trace=stages))
         _write_json(lm, steps, trace_json)
         for i in range(num_samples) if trace else ():
-            console.print(_trace_table(lm, ids, [s for s in steps if s.sample == i], f"sample {i + 1}: "))
+            console.print(_trace_table(lm, ids, _sample(steps, i), f"sample {i + 1}: "))
         _samples_table(lm, steps, num_samples)
     else:
         steps = _stream(lm, ids, config, trace_json, stages)
@@ -238,15 +243,6 @@ def generate_cmd(
     for i in range(num_samples) if index is not None else ():
         _print_spans(lm, _sample(steps, i), index, min_span, f"sample {i + 1}: " if num_samples > 1 else "")
     _summary(steps, time.perf_counter() - start)
-
-
-def open_index(lm, folder: str):
-    """The corpus index in ``folder``, checked against ``lm``'s tokenizer."""
-    from nexttok.corpus import CorpusIndex
-
-    index = CorpusIndex(folder)
-    index.check_tokenizer(lm)
-    return index
 
 
 def _sample(steps: list[Step], i: int) -> list[Step]:

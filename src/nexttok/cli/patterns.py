@@ -25,14 +25,6 @@ DataOpt = Annotated[
 ]
 
 
-def _index(lm, folder: str):
-    from nexttok.corpus import CorpusIndex
-
-    index = CorpusIndex(folder)
-    index.check_tokenizer(lm)
-    return index
-
-
 @app.command()
 def patterns(
     corpus: CorpusOpt,
@@ -51,10 +43,11 @@ def patterns(
     device: DeviceOpt = None,
 ) -> None:
     """The model's top-1 beside its corpus's infinity-gram top-1 over a held-out text, by matched suffix length."""
+    from nexttok.corpus import CorpusIndex
     from nexttok.corpus.patterns import patterns as run
 
     lm = load_lm(model, dtype, threads, device)
-    index = _index(lm, corpus)
+    index = CorpusIndex.open(corpus, lm)
     result = run(lm, index, data, progress=console.is_terminal and not as_json,
                  split=split, context=context, limit_tokens=limit_tokens)  # fmt: skip
     if result.positions and np.median(result.suffix_length) > 32:
@@ -120,8 +113,10 @@ def memorization(
     from nexttok.corpus import memorization as mem
 
     mem.check_lengths(prefix, suffix)
+    from nexttok.corpus import CorpusIndex
+
     lm = load_lm(model, dtype, threads, device)
-    index = _index(lm, corpus)
+    index = CorpusIndex.open(corpus, lm)
     sets = {"train": mem.sample_windows(index.tokens, prefix + suffix, windows, seed)}
     if data:
         sets["heldout"] = mem.heldout_windows(lm, data, split, prefix + suffix, windows, seed)

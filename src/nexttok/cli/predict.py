@@ -155,9 +155,7 @@ def corpus_report(lm, folder: str, dist: Distribution, top: int) -> dict:
     from nexttok.corpus import CorpusIndex, infgram
     from nexttok.corpus.report import infgram_report
 
-    index = CorpusIndex(folder)
-    index.check_tokenizer(lm)
-    g = infgram(index, dist.context_ids)
+    g = infgram(CorpusIndex.open(folder, lm), dist.context_ids)
     model_top1 = dist.top(1)[0].id
     out = {"index": folder, **infgram_report(lm, g, top), "model_top1": model_top1, "corpus_top1": g.top1}
     return out | {"top1_agrees": g.top1 == model_top1}
@@ -168,7 +166,7 @@ def _print_corpus(report: dict) -> None:
 
     c = report["corpus"]
     print_infgram(c)
-    model = show_token(next(r["text"] for r in report["distributions"][0]["top"] if r["id"] == c["model_top1"]))
+    model = show_token(report["distributions"][0]["top"][0]["text"])  # the rank-1 row is model_top1
     corpus = show_token(c["next"][0]["text"]) if c["next"] else "nothing"
     verdict = "the same" if c["top1_agrees"] else "different"
     console.print(f"top-1: model {model}, corpus {corpus}: {verdict}")

@@ -164,6 +164,13 @@ class CorpusIndex:
                 param="corpus",
             )
 
+    @classmethod
+    def open(cls, folder: str | Path, lm: LM) -> CorpusIndex:
+        """The index in ``folder``, refused unless it was built with ``lm``'s tokenizer."""
+        index = cls(folder)
+        index.check_tokenizer(lm)
+        return index
+
     def where(self, position: int) -> Location:
         doc = int(np.searchsorted(self.doc_starts, position, side="right")) - 1
         line = int(self.line_no[int(np.searchsorted(self.line_pos, position, side="right")) - 1])

@@ -13,6 +13,7 @@ import torch
 
 from nexttok.corpus import search
 from nexttok.corpus.index import CorpusIndex
+from nexttok.corpus.query import count
 from nexttok.errors import NexttokError
 
 if TYPE_CHECKING:
@@ -42,29 +43,22 @@ def sample_windows(ids: np.ndarray, length: int, n: int, seed: int) -> np.ndarra
 
 
 @torch.no_grad()
-def suffix_scores(lm: LM, windows: np.ndarray, k: int, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Per window: whether the argmax reproduces the m suffix tokens exactly, and log p(suffix | prefix)."""
-    model, device = lm.model, next(lm.model.parameters()).device
-    m = windows.shape[1] - k
-    exact, logp = [], []
-    for lo in range(0, len(windows), batch_size):
-        x = torch.as_tensor(windows[lo : lo + batch_size], device=device)  # (B, k+m)
-        # Only the positions that predict the suffix go through the output layer: the last m+1, less the last.
-        logits = model(input_ids=x, logits_to_keep=m + 1).logits[:, :-1].float()  # (B, m, V)
-        target = x[:, k:]  # (B, m)
-        exact.append((logits.argmax(-1) == target).all(-1).cpu().numpy())
-        lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]  # (B, m)
-        logp.append(lp.sum(-1).double().cpu().numpy())
-    return np.concatenate(exact), np.concatenate(logp)
+def suffix_scores(lm: LM, windows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per window of one batch: whether the argmax reproduces the m suffix tokens exactly, and
+    log p(suffix | prefix)."""
+    x = torch.as_tensor(windows, device=next(lm.model.parameters()).device)  # (B, k+m)
+    m = x.shape[1] - k
+    # Only the positions that predict the suffix go through the output layer: the last m+1, less the last.
+    logits = lm.model(input_ids=x, logits_to_keep=m + 1).logits[:, :-1].float()  # (B, m, V)
+    target = x[:, k:]  # (B, m)
+    exact = (logits.argmax(-1) == target).all(-1).cpu().numpy()
+    lp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]  # (B, m)
+    return exact, lp.sum(-1).double().cpu().numpy()
 
 
 def occurrences(index: CorpusIndex, windows: np.ndarray) -> np.ndarray:
     """How many times each whole window occurs in the corpus."""
-    out = np.zeros(len(windows), dtype=np.int64)
-    for i, w in enumerate(windows):
-        lo, hi = search.find(index.tokens, index.sa, w.astype(np.uint32))
-        out[i] = hi - lo
-    return out
+    return np.array([count(index, w) for w in windows], dtype=np.int64)
 
 
 @dataclass
@@ -130,7 +124,7 @@ def measure(models: list[tuple[str, LM]], sets: dict[str, np.ndarray], index: Co
                 task = bar.add_task(f"{label}: {name} windows", total=len(w))
                 parts = []
                 for lo in range(0, len(w), batch_size):
-                    parts.append(suffix_scores(lm, w[lo : lo + batch_size], k, batch_size))
+                    parts.append(suffix_scores(lm, w[lo : lo + batch_size], k))
                     bar.advance(task, len(w[lo : lo + batch_size]))
                 exact, logp = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
                 out.append(side(label, name, exact, logp, dups[name]))

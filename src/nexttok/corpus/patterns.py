@@ -66,7 +66,7 @@ def patterns(lm: LM, index: CorpusIndex, data, progress: bool = False, **eval_op
     position's top-1 beside the corpus's."""
     from nexttok.evaluation import evaluate
 
-    index.check_tokenizer(lm)
+    index.check_tokenizer(lm)  # a library caller may pass an index opened without the model
     result = evaluate(lm, data, top=1, progress=progress, **eval_options)
     per_doc = {d: infgram_top1(index, a) for d, a in enumerate(result.text.ids) if len(a)}
     ks, ctop = [], []

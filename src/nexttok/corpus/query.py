@@ -102,12 +102,12 @@ def spans(index: CorpusIndex, ids: Sequence[int], min_span: int = 8, locate_limi
     if min_span < 1:
         raise NexttokError(f"--min-span must be at least 1 (got {min_span})", param="min_span")
     q = _ids(index, ids)
-    lengths = search.matching_lengths(index.tokens, index.sa, q)  # (n,)
+    lengths, los, his = search.matching_lengths(index.tokens, index.sa, q)  # (n,) each
     out, reach = [], 0
     for i, n in enumerate(lengths.tolist()):
         if i + n > reach and n >= min_span:
-            lo, hi = search.find(index.tokens, index.sa, q[i : i + n])
-            out.append(Span(i, i + n, int(hi - lo), _places(index, lo, hi, locate_limit)))
+            lo, hi = int(los[i]), int(his[i])
+            out.append(Span(i, i + n, hi - lo, _places(index, lo, hi, locate_limit)))
         reach = max(reach, i + n)
     return out
 

@@ -12,6 +12,10 @@ if TYPE_CHECKING:
     from nexttok.lm import LM
 
 
+def _where(locations) -> list[dict]:
+    return [{"file": w.file, "name": w.name, "line": w.line} for w in locations]
+
+
 def infgram_report(lm: LM, g: InfGram, top: int) -> dict:
     return {
         "suffix": [{"id": t, "text": lm.token_text(t)} for t in g.suffix],
@@ -22,7 +26,7 @@ def infgram_report(lm: LM, g: InfGram, top: int) -> dict:
             {"id": t, "text": lm.token_text(t), "count": n, "share": n / max(g.occurrences, 1)} for t, n in g.next[:top]
         ],
         "distinct_next": len(g.next),
-        "where": [{"file": w.file, "name": w.name, "line": w.line} for w in g.where],
+        "where": _where(g.where),
     }
 
 
@@ -40,7 +44,7 @@ def spans_report(lm: LM, index: CorpusIndex, ids: list[int], min_span: int = 8) 
                 "stop": s.stop,
                 "text": "".join(lm.token_text(t) for t in ids[s.start : s.stop]),
                 "occurrences": s.occurrences,
-                "where": [{"file": w.file, "name": w.name, "line": w.line} for w in s.where],
+                "where": _where(s.where),
             }
             for s in found
         ],

@@ -42,17 +42,6 @@ def narrow(tokens, sa, lo, hi, k, value):
 
 
 @nb.njit(cache=True)
-def find(tokens, sa, q):
-    """The range of suffixes that start with ``q`` (empty: lo == hi)."""
-    lo, hi = np.int64(0), np.int64(sa.shape[0])
-    for k in range(q.shape[0]):
-        lo, hi = narrow(tokens, sa, lo, hi, k, np.int64(q[k]))
-        if lo == hi:
-            break
-    return lo, hi
-
-
-@nb.njit(cache=True)
 def longest_prefix(tokens, sa, q):
     """(length, lo, hi): the longest prefix of ``q`` that occurs, and its range."""
     lo, hi = np.int64(0), np.int64(sa.shape[0])
@@ -62,6 +51,13 @@ def longest_prefix(tokens, sa, q):
             return k, lo, hi
         lo, hi = a, b
     return q.shape[0], lo, hi
+
+
+@nb.njit(cache=True)
+def find(tokens, sa, q):
+    """The range of suffixes that start with ``q`` (empty: lo == hi)."""
+    k, lo, hi = longest_prefix(tokens, sa, q)
+    return (lo, hi) if k == q.shape[0] else (lo, lo)
 
 
 @nb.njit(cache=True)
@@ -141,8 +137,10 @@ def sweep(tokens, sa, ids, start):
 
 @nb.njit(cache=True)
 def matching_lengths(tokens, sa, ids):
-    """For each start i of ``ids``: the length of the longest prefix of ids[i:] that occurs."""
-    out = np.zeros(ids.shape[0], dtype=np.int64)
-    for i in range(ids.shape[0]):
-        out[i] = longest_prefix(tokens, sa, ids[i:])[0]
-    return out
+    """For each start i of ``ids``: the length of the longest prefix of ids[i:] that occurs, and the
+    range of its occurrences."""
+    n = ids.shape[0]
+    out, los, his = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        out[i], los[i], his[i] = longest_prefix(tokens, sa, ids[i:])
+    return out, los, his

@@ -32,13 +32,11 @@ def index_corpus(
         docs, files = record_documents(lm, sources)
     else:
         docs, files = text_documents(lm, sources, split, text_field, holdout_fraction, show)
-    meta = {"model": _model_name(lm), "tokenizer_hash": tokenizer_hash(lm.tokenizer), "vocab_size": lm.vocab_size}
+    from nexttok.evaluation.pipeline import model_name
+
+    meta = {"model": model_name(lm), "tokenizer_hash": tokenizer_hash(lm.tokenizer), "vocab_size": lm.vocab_size}
     meta |= {"sources": sources, "split": split, "records": records}
     return build([d for d in docs if len(d.ids)], files, Path(out), meta, line_tables(lm.tokenizer))
-
-
-def _model_name(lm: LM) -> str:
-    return "default" if lm.source.kind == "default" else lm.source.location
 
 
 def text_documents(

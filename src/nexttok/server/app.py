@@ -115,8 +115,7 @@ class State:
         from nexttok.corpus import CorpusIndex
         from nexttok.corpus.report import spans_report
 
-        index = CorpusIndex(self.settings.corpus)
-        index.check_tokenizer(lm)
+        index = CorpusIndex.open(self.settings.corpus, lm)
         return lambda ids: spans_report(lm, index, ids, self.settings.min_span)
 
     def served(self, name: str | None = None) -> Served:
