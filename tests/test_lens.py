@@ -84,6 +84,39 @@ def test_last_layer_matches_on_gpt2_too(gpt2_lm):
     assert (double_normed(gpt2_lm, gpt2_lm.model.transformer.ln_f) - dist.probs).abs().max() > 1e-3
 
 
+def capped_or_scaled(name: str, folder):
+    """A tiny Gemma 2 (its logits capped at 0.5: cap * tanh(z / cap)) or Cohere (logits scaled by 1/16)."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    tok = make_tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    shape = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                 num_key_value_heads=1, head_dim=16, max_position_embeddings=128, vocab_size=len(tok),
+                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                 pad_token_id=tok.pad_token_id)  # fmt: skip
+    if name == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(final_logit_softcapping=0.5, **shape))
+    else:
+        model = CohereForCausalLM(CohereConfig(logit_scale=0.0625, **shape))
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)  # logits well past the cap
+    model.save_pretrained(folder)
+    return nexttok.lm.load(str(folder))
+
+
+@pytest.mark.parametrize("name", ["gemma2", "cohere"])
+def test_last_layer_matches_models_that_change_their_logits(name, tmp_path):
+    """Gemma 2 caps its logits after the output layer and Cohere scales them: the lens must too."""
+    lm = capped_or_scaled(name, tmp_path)
+    lens, dist = logit_lens(lm, TEXT), lm.distribution(TEXT)
+    torch.testing.assert_close(lens.logprobs[-1].exp(), dist.probs, atol=1e-5, rtol=0)
+    model = lm.model
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([lm.encode(TEXT)]), output_hidden_states=True)
+        raw = torch.softmax(model.get_output_embeddings()(out.hidden_states[-1][0, -1]), -1)  # (V,), uncapped
+    assert (raw - dist.probs).abs().max() > 1e-3  # the test has teeth: the head alone is not the model
+
+
 def test_inner_layer_is_the_final_norm_then_the_output_layer(llama_lm):
     model = llama_lm.model
     ids = torch.tensor([llama_lm.encode(TEXT)])  # (1, T)

@@ -1,8 +1,9 @@
 """The logit lens: the next-token distribution read off every layer's hidden state at the last position.
 
-Each layer's hidden state goes through the model's final norm and its output layer, as if the model
-stopped there. Hugging Face returns the last layer's state already normed, so that one goes through
-the output layer alone: the lens's last row is then the model's own distribution.
+Each layer's hidden state goes through the model's final norm and its output layer (then the model's own
+logit cap or scale, where it has one), as if the model stopped there. Hugging Face returns the last
+layer's state already normed, so that one skips the norm: the lens's last row is then the model's own
+distribution.
 """
 
 from __future__ import annotations
@@ -91,7 +92,20 @@ def layer_logits(lm: LM, ids: list[int]) -> torch.Tensor:
     last = torch.stack([h[0, -1] for h in hidden])  # (L+1, H)
     # HF hands back the last state already through the final norm: norming it twice would change the answer.
     normed = torch.cat([norm(last[:-1]), last[-1:]])  # (L+1, H)
-    return model.get_output_embeddings()(normed).float().cpu()  # (L+1, V)
+    return after_head(model.config, model.get_output_embeddings()(normed)).float().cpu()  # (L+1, V)
+
+
+def after_head(config, logits: torch.Tensor) -> torch.Tensor:
+    """What the model does to its logits after the output layer: Cohere scales them, Gemma 2 and 3 cap
+    them with ``cap * tanh(z / cap)``. Without it the lens's last row would not be the model's distribution."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(config, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def logit_lens(lm: LM, text: str, chat: bool = False, top: int = 10) -> Lens:
