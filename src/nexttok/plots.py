@@ -162,12 +162,12 @@ def plot_patterns(result, path: str | Path) -> Path:
 def plot_memorization(sides: list, path: str | Path) -> Path:
     """The extractable share of windows against how often each window occurs in the corpus, per model
     and set of windows."""
+    from nexttok.corpus.memorization import DUP_BUCKETS
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    labels = [r["occurrences"] for r in sides[0].by_duplicates] if sides else []
-    for s in sides:
-        labels += [r["occurrences"] for r in s.by_duplicates if r["occurrences"] not in labels]
-    order = {lab: i for i, lab in enumerate(sorted(labels, key=lambda lab: int(lab.strip(">").split("-")[0])))}
+    present = {r["occurrences"] for s in sides for r in s.by_duplicates}
+    order = {lab: i for i, lab in enumerate(lab for _, _, lab in DUP_BUCKETS if lab in present)}
     width = 0.8 / max(len(sides), 1)
     for j, s in enumerate(sides):
         xs = [order[r["occurrences"]] + (j - (len(sides) - 1) / 2) * width for r in s.by_duplicates]

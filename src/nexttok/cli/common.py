@@ -35,6 +35,12 @@ DeviceOpt = Annotated[
 ]
 
 
+def check_min_span(min_span: int) -> None:
+    """``--min-span`` before the model loads (``nexttok.corpus.spans`` checks it too, for library callers)."""
+    if min_span < 1:
+        raise NexttokError(f"--min-span must be at least 1 (got {min_span})", param="min_span")
+
+
 def read_prompt(prompt: str) -> str:
     """The prompt argument; '-' reads it from stdin (UTF-8)."""
     if prompt != "-":

@@ -62,24 +62,24 @@ def query(
     lm = load_lm(model, "float32", None, "cpu")
     idx = CorpusIndex.open(corpus, lm)
     ids = lm.encode(read_prompt(text))
-    g = infgram(idx, ids)
+    g, places = infgram(idx, ids), locate(idx, ids, top)
     report = {
         "tokens": len(ids),
         "count": count(idx, ids),
         "next": [{"id": t, "text": lm.token_text(t), "count": n} for t, n in next_counts(idx, ids)[:top]],
-        "where": [vars(w) for w in locate(idx, ids, top)],
+        "where": [vars(w) for w in places],
         "infgram": infgram_report(lm, g, top),
     }
     if as_json:
         typer.echo(json.dumps(report, ensure_ascii=False, indent=2))
         return
     console.print(f"{report['count']:,} occurrence(s) of the {len(ids)} tokens")
-    for w in report["where"]:
-        console.print(f"  {w['file'].rsplit('/', 1)[-1]}:{w['line']}")
+    for w in places:
+        console.print(f"  {w.name}")
     print_infgram(report["infgram"])
 
 
-def print_infgram(r: dict, model_top1: str | None = None) -> None:
+def print_infgram(r: dict) -> None:
     console.print(
         f"corpus: the longest suffix it holds is {r['suffix_text']!r} ({r['suffix_length']} tokens, "
         f"{r['occurrences']:,} occurrence(s) with a next token; {r['distinct_next']:,} distinct next tokens)"

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from nexttok.cli.app import app
-from nexttok.cli.common import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, console, load_lm, read_prompt
+from nexttok.cli.common import DeviceOpt, DtypeOpt, ModelOpt, ThreadsOpt, check_min_span, console, load_lm, read_prompt
 from nexttok.decoders import decoder_choice
 from nexttok.distribution import show_token
 from nexttok.errors import NexttokError
@@ -211,8 +211,7 @@ def generate_cmd(
     )  # fmt: skip
     if num_samples < 1:
         raise NexttokError(f"--num-samples must be at least 1 (got {num_samples})", param="num_samples")
-    if min_span < 1:
-        raise NexttokError(f"--min-span must be at least 1 (got {min_span})", param="min_span")
+    check_min_span(min_span)
     text = read_prompt(prompt)
     lm = load_lm(model, dtype, threads, device)
     if corpus:

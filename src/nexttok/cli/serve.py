@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from nexttok.cli.app import app
-from nexttok.cli.common import DeviceOpt, DtypeOpt, ThreadsOpt
+from nexttok.cli.common import DeviceOpt, DtypeOpt, ThreadsOpt, check_min_span
 from nexttok.errors import NexttokError
 
 ModelsOpt = Annotated[
@@ -59,8 +59,7 @@ MinSpanOpt = Annotated[int, typer.Option("--min-span", help="Shortest verbatim s
 
 
 def _check_corpus(corpus: str | None, min_span: int) -> None:
-    if min_span < 1:
-        raise NexttokError(f"--min-span must be at least 1 (got {min_span})", param="min_span")
+    check_min_span(min_span)
     if corpus is not None:
         from nexttok.corpus import CorpusIndex
 

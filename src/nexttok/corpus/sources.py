@@ -89,7 +89,8 @@ def record_documents(lm: LM, sources: list[str]) -> tuple[list[Document], list[s
     for f in expand(sources):
         for record in read_dataset(f).records:
             ex = renderer.render(record)
-            line = int(record.where.rsplit(":", 1)[1]) if record.where.rsplit(":", 1)[-1].isdigit() else 1
+            tail = record.where.rsplit(":", 1)[-1]  # "file:line"
+            line = int(tail) if tail.isdigit() else 1
             docs.append(Document(np.asarray(ex.input_ids, dtype=np.uint32), len(files), line))
         files.append(str(f))
     return docs, files
